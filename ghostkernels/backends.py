@@ -1,0 +1,228 @@
+"""Backend registry and selection.
+
+Every op has one implementation per backend:
+
+- ``reference``: pure PyTorch; defines the op; any device, float64 included.
+- ``cpu``: C++ kernels of the compiled extension (``ghostkernels._C``), CPU tensors.
+- ``triton``: Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+- ``cuda``: CUDA C++ kernels of the compiled extension, CUDA tensors.
+
+Selection, per call: the innermost :func:`use_backend` context, else the ``GHOSTKERNELS_BACKEND``
+environment variable, else automatic (the fastest backend that supports the tensor's device and
+dtype). A backend chosen explicitly that cannot run the call is an error, never a silent fallback.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "GHOSTKERNELS_BACKEND"
+
+# Fastest first; the first one that is available and supports the call wins.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+_state = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_extension():
+    """The compiled ``ghostkernels._C`` module, or None when it is not built."""
+    try:
+        return importlib.import_module("ghostkernels._C")
+    except ImportError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_error() -> str:
+    try:
+        importlib.import_module("ghostkernels._C")
+    except ImportError as exc:  # pragma: no cover - message depends on the machine
+        return str(exc)
+    return ""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # noqa: BLE001 - any import failure makes the backend unavailable
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def availability(backend: str, device_type: str | None = None) -> Availability:
+    """Whether ``backend`` can run on ``device_type`` ("cpu"/"cuda"; None: on any), and why not."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return Availability(True, "pure PyTorch")
+    if backend in ("cpu", "cuda"):
+        ext = compiled_extension()
+        if ext is None:
+            return Availability(False, "compiled extension ghostkernels._C not importable: "
+                                       f"{_extension_error()} (pip install with a C++ compiler)")
+        if backend == "cpu":
+            if device_type not in (None, "cpu"):
+                return Availability(False, "the cpu backend runs CPU tensors only")
+            return Availability(True, "ghostkernels._C C++ kernels")
+        if not getattr(ext, "WITH_CUDA", 0):
+            return Availability(False, "ghostkernels._C was built without CUDA "
+                                       "(needs a CUDA build of torch and nvcc/CUDA_HOME at build time)")
+        if device_type == "cpu":
+            return Availability(False, "the cuda backend runs CUDA tensors only")
+        if not torch.cuda.is_available():
+            return Availability(False, "built with CUDA, but no CUDA device is visible")
+        return Availability(True, "ghostkernels._C CUDA kernels")
+    # triton
+    err = _triton_import_error()
+    if err:
+        return Availability(False, f"triton not importable: {err}")
+    if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
+        if triton_interpret():
+            return Availability(True, "Triton interpreter on CPU tensors (TRITON_INTERPRET=1)")
+        return Availability(False, "no CUDA device (CPU tensors need TRITON_INTERPRET=1, "
+                                   "set before importing ghostkernels)")
+    if not torch.cuda.is_available():
+        return Availability(False, "no CUDA device visible")
+    return Availability(True, "Triton kernels on CUDA")
+
+
+def report() -> dict[str, dict[str, Availability]]:
+    """Availability of every backend on every device type: ``{device: {backend: Availability}}``."""
+    return {dev: {b: availability(b, dev) for b in BACKENDS} for dev in ("cpu", "cuda")}
+
+
+def format_report() -> str:
+    lines = [f"ghostkernels backends (torch {torch.__version__}, "
+             f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'})"]
+    for dev, backends in report().items():
+        lines.append(f"  {dev} tensors:")
+        for name, av in backends.items():
+            lines.append(f"    {name:<9} {'yes' if av.available else 'no ':<3}  {av.reason}")
+        auto = [b for b in _AUTO_ORDER[dev] if backends[b].available]
+        lines.append(f"    automatic choice: {auto[0] if auto else 'none'}")
+    forced = requested_backend()
+    if forced:
+        lines.append(f"  forced backend: {forced}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-op implementations
+
+
+@dataclass(frozen=True)
+class Implementation:
+    module: str  # module path, imported on first use (Triton modules are slow to import)
+    dtypes: tuple[torch.dtype, ...]
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+
+
+def register(op: str, backend: str, module: str, dtypes) -> None:
+    """Declare that ``module`` implements ``op`` for ``backend`` and ``dtypes``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(module, tuple(dtypes))
+
+
+def implementations(op: str) -> dict[str, Implementation]:
+    return dict(_REGISTRY[op])
+
+
+def requested_backend() -> str | None:
+    """The backend forced by :func:`use_backend` or the environment, or None for automatic."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if env in ("", "auto"):
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS} or 'auto', got {env!r}")
+    return env
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None) -> Iterator[None]:
+    """Force ``backend`` ("reference", "cpu", "triton", "cuda"; None or "auto" = automatic)."""
+    if backend is not None and backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, 'auto' or None, got {backend!r}")
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    # An explicit "auto" inside a forced block returns to automatic selection.
+    stack.append(None if backend == "auto" else backend)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _supports(op: str, backend: str, device_type: str, dtype: torch.dtype) -> str:
+    """Empty string when ``backend`` can run ``op`` here, else the reason it cannot."""
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        return f"{backend} has no implementation of {op}"
+    av = availability(backend, device_type)
+    if not av.available:
+        return av.reason
+    if dtype not in impl.dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in impl.dtypes)
+        return f"{backend} implements {op} for {names}, not {str(dtype).replace('torch.', '')}"
+    return ""
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` with ``dtype``."""
+    device_type = device.type
+    forced = requested_backend()
+    if forced is not None:
+        why = _supports(op, forced, device_type, dtype)
+        if why:
+            raise BackendUnavailableError(
+                f"backend {forced!r} was requested for ghostkernels.{op} on {device_type} "
+                f"{str(dtype).replace('torch.', '')} tensors but cannot run it: {why}")
+        return forced
+    for backend in _AUTO_ORDER.get(device_type, ("reference",)):
+        if not _supports(op, backend, device_type, dtype):
+            return backend
+    return "reference"
+
+
+def resolve(op: str, device: torch.device, dtype: torch.dtype):
+    """The implementation module of the selected backend for ``op``."""
+    return _REGISTRY[op][select(op, device, dtype)].load()
+
+
+def backend_for(op: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """Public helper: which backend would run ``op`` now (for logs and benchmarks)."""
+    return select(op, torch.device(device), dtype)
+

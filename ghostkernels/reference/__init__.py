@@ -1,0 +1,1 @@
+"""Pure-PyTorch definitions of every ghostkernels op (readable, float64-capable)."""

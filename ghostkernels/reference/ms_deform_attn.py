@@ -1,0 +1,48 @@
+"""Reference multi-scale deformable attention: the grid_sample formulation.
+
+This *defines* the op. Per level, the value map ``[N*M, D, H, W]`` is sampled bilinearly at the
+points ``2*loc - 1`` (zero padding, ``align_corners=False``: pixel coordinate ``loc*size - 0.5``),
+weighted by the attention weights and summed over levels and points.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations,
+                           attention_weights):
+    """value [N,S,M,D], spatial_shapes [L,2] (h,w), level_start_index [L],
+    sampling_locations [N,Lq,M,L,P,2] (x,y in [0,1]), attention_weights [N,Lq,M,L,P]
+    -> [N,Lq,M*D] in value's dtype."""
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    dtype = value.dtype
+    grids = 2.0 * sampling_locations.to(dtype) - 1.0  # [N,Lq,M,L,P,2]
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    starts = [int(s) for s in level_start_index.tolist()]
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        v = value[:, starts[lvl]:starts[lvl] + h * w]  # [N, h*w, M, D]
+        v = v.permute(0, 2, 3, 1).reshape(N * M, D, h, w)
+        g = grids[:, :, :, lvl].permute(0, 2, 1, 3, 4).reshape(N * M, Lq, P, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
+                                     align_corners=False))  # [N*M, D, Lq, P]
+    stacked = torch.stack(sampled, dim=-2).flatten(-2)  # [N*M, D, Lq, L*P]
+    weights = attention_weights.to(dtype).permute(0, 2, 1, 3, 4).reshape(N * M, 1, Lq, L * P)
+    out = (stacked * weights).sum(-1)  # [N*M, D, Lq]
+    return out.view(N, M * D, Lq).transpose(1, 2).contiguous()
+
+
+def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    return ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations,
+                                  attention_weights)
+
+
+def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+             attention_weights):
+    """Gradients of the reference forward (torch.func.vjp: this runs inside a custom op, below
+    the autograd dispatch key, where torch.autograd.grad cannot record a graph)."""
+    def f(v, loc, w):
+        return ms_deform_attn_forward(v, spatial_shapes, level_start_index, loc, w)
+
+    _, vjp = torch.func.vjp(f, value, sampling_locations, attention_weights)
+    return vjp(grad_output.to(value.dtype))
