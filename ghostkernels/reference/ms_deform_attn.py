@@ -12,10 +12,13 @@ def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_lo
                            attention_weights):
     """value [N,S,M,D], spatial_shapes [L,2] (h,w), level_start_index [L],
     sampling_locations [N,Lq,M,L,P,2] (x,y in [0,1]), attention_weights [N,Lq,M,L,P]
-    -> [N,Lq,M*D] in value's dtype."""
+    -> [N,Lq,M*D] in value's dtype (float32 arithmetic for half inputs)."""
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    dtype = value.dtype
+    out_dtype = value.dtype
+    # Half-precision inputs are computed in float32 (the accumulation dtype of every backend).
+    dtype = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
+    value = value.to(dtype)
     grids = 2.0 * sampling_locations.to(dtype) - 1.0  # [N,Lq,M,L,P,2]
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     starts = [int(s) for s in level_start_index.tolist()]
@@ -29,7 +32,7 @@ def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_lo
     stacked = torch.stack(sampled, dim=-2).flatten(-2)  # [N*M, D, Lq, L*P]
     weights = attention_weights.to(dtype).permute(0, 2, 1, 3, 4).reshape(N * M, 1, Lq, L * P)
     out = (stacked * weights).sum(-1)  # [N*M, D, Lq]
-    return out.view(N, M * D, Lq).transpose(1, 2).contiguous()
+    return out.view(N, M * D, Lq).transpose(1, 2).to(out_dtype).contiguous()
 
 
 def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):

@@ -1,0 +1,49 @@
+"""Which device each backend is tested on, and the skip/fail policy for unavailable backends.
+
+A backend that is not available here is skipped with the reason the registry gives, except the
+``cpu`` backend when ``GHOSTKERNELS_REQUIRE_EXTENSION=1`` (set by CI, which builds the extension):
+then its absence is a failure, so a broken build cannot pass as skipped tests.
+"""
+import os
+
+import pytest
+import torch
+
+from ghostkernels import backends
+
+TOLERANCE = {  # (forward rel, gradient rel) against the float64 reference; benchmark-protocol.md
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-2),
+    torch.bfloat16: (1.5e-2, 5e-2),
+}
+
+
+def device_for(backend: str) -> str:
+    if backend == "cuda":
+        return "cuda"
+    if backend == "triton":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def require(backend: str, op: str, dtype: torch.dtype) -> str:
+    """Skip (or fail, see module docstring) unless ``backend`` runs ``op`` in ``dtype`` here;
+    returns the device to test on."""
+    device = device_for(backend)
+    av = backends.availability(backend, device)
+    if not av.available:
+        if backend == "cpu" and os.environ.get("GHOSTKERNELS_REQUIRE_EXTENSION") == "1":
+            pytest.fail(f"the cpu backend must be available in this run: {av.reason}")
+        pytest.skip(f"{backend} backend unavailable: {av.reason}")
+    if dtype not in backends.implementations(op)[backend].dtypes:
+        pytest.skip(f"{backend} does not implement {op} for {dtype}")
+    return device
+
+
+def backend_params(*names):
+    marks = {"cuda": [pytest.mark.gpu]}
+    return [pytest.param(b, marks=marks.get(b, []), id=b) for b in names]
+
+
+ALL_BACKENDS = backend_params("reference", "cpu", "triton", "cuda")
