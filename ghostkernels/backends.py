@@ -186,6 +186,23 @@ def use_backend(backend: str | None) -> Iterator[None]:
         stack.pop()
 
 
+@contextlib.contextmanager
+def decomposed() -> Iterator[None]:
+    """Inside this context the public ops bypass their custom op and call the reference
+    implementation directly, so tracers see plain PyTorch ops (grid_sample, conv2d): used for
+    ONNX export, where standard runtimes and TensorRT know those ops but not ours."""
+    depth = getattr(_state, "decomposed", 0)
+    _state.decomposed = depth + 1
+    try:
+        yield
+    finally:
+        _state.decomposed = depth
+
+
+def decomposing() -> bool:
+    return getattr(_state, "decomposed", 0) > 0
+
+
 def _supports(op: str, backend: str, device_type: str, dtype: torch.dtype) -> str:
     """Empty string when ``backend`` can run ``op`` here, else the reason it cannot."""
     impl = _REGISTRY.get(op, {}).get(backend)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ghostkernels import backends
+from ghostkernels.reference.ms_deform_attn import ms_deform_attn_forward as reference_forward
 from ghostkernels.checks import (FLOATING, dtype_name, require_dim_size, require_dtype,
                                  require_ndim, require_same_device, require_same_dtype,
                                  require_tensor, tracing)
@@ -196,6 +197,9 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
         _check_levels(spatial_shapes, level_start_index, S)
     if spatial_shapes.device != value.device:
         spatial_shapes = spatial_shapes.to(value.device, non_blocking=True)
+    if backends.decomposing():
+        return reference_forward(value, spatial_shapes, level_start_index, sampling_locations,
+                                 attention_weights)
     if level_start_index.device != value.device:
         level_start_index = level_start_index.to(value.device, non_blocking=True)
     return _ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
