@@ -46,7 +46,7 @@ def extensions():
 
     cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) +
                        glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     link_flags = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda(torch.version.cuda is not None, cpp_extension.CUDA_HOME):
@@ -59,7 +59,7 @@ def extensions():
             define_macros=[("GHOSTKERNELS_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
                          "--expt-relaxed-constexpr"],
             },
             extra_link_args=link_flags,
