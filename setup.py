@@ -59,7 +59,7 @@ def extensions():
             define_macros=[("GHOSTKERNELS_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
+                "nvcc": ["-O3", "-std=c++20", "-lineinfo",
                          "--expt-relaxed-constexpr"],
             },
             extra_link_args=link_flags,
