@@ -1,0 +1,169 @@
+"""COCO-format detection dataset: an image folder plus an ``instances`` JSON.
+
+Category ids (any integers, gaps allowed) are mapped to contiguous labels ``0..K-1`` in the order of
+the sorted ids; :attr:`CocoDetection.label2category` maps them back for evaluation and predictions.
+Crowd annotations are dropped; images without annotations are kept (negatives).
+
+Bad data fails loudly, naming the file and the entry: malformed JSON, a missing key, an annotation
+whose ``category_id`` is not in ``categories``, an annotation for an unknown image, a box with
+non-positive size or outside its image (beyond ``box_tolerance`` pixels), a missing or unreadable
+image file. With ``skip_invalid_boxes=True`` bad boxes are instead dropped and logged (one warning
+per box, naming the file and the annotation id). Boxes that overshoot the border by at most
+``box_tolerance`` pixels are clamped to the image.
+
+A sample is ``(image, target)``: ``image`` a ``tv_tensors.Image`` (uint8, CHW, RGB) and ``target`` a
+dict with ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY pixels), ``labels`` (int64), ``image_id``
+(int) and ``orig_size`` (int64 ``[w, h]``), before ``transforms`` (see :mod:`rtdetr.data.transforms`)
+turn it into a float image in [0, 1] and normalised cxcywh boxes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """Malformed or inconsistent dataset content (names the file and the entry)."""
+
+
+def load_coco_json(ann_file: str) -> dict:
+    """Read and structurally validate a COCO instances file."""
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file not found: {ann_file}") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{ann_file}: malformed JSON at line {exc.lineno} column {exc.colno}: "
+                           f"{exc.msg}") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{ann_file}: expected a JSON object with 'images', 'annotations', "
+                           f"'categories', got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{ann_file}: missing or non-list key {key!r}")
+    for i, img in enumerate(data["images"]):
+        for key in ("id", "file_name", "width", "height"):
+            if key not in img:
+                raise DatasetError(f"{ann_file}: images[{i}] lacks {key!r}: {img}")
+    for i, ann in enumerate(data["annotations"]):
+        for key in ("image_id", "category_id", "bbox"):
+            if key not in ann:
+                raise DatasetError(f"{ann_file}: annotations[{i}] (id {ann.get('id')}) lacks "
+                                   f"{key!r}")
+    for i, cat in enumerate(data["categories"]):
+        if "id" not in cat:
+            raise DatasetError(f"{ann_file}: categories[{i}] lacks 'id'")
+    return data
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    def __init__(self, img_folder: str, ann_file: str, transforms: Callable | None = None,
+                 skip_invalid_boxes: bool = False, box_tolerance: float = 1.0):
+        self.img_folder = img_folder
+        self.ann_file = ann_file
+        self.transforms = transforms
+        data = load_coco_json(ann_file)
+        self.categories = sorted(data["categories"], key=lambda c: c["id"])
+        ids = [c["id"] for c in self.categories]
+        if len(set(ids)) != len(ids):
+            raise DatasetError(f"{ann_file}: duplicate category ids in {ids}")
+        self.category2label = {cid: i for i, cid in enumerate(ids)}
+        self.label2category = {i: cid for i, cid in enumerate(ids)}
+        self.class_names = [c.get("name", str(c["id"])) for c in self.categories]
+        self.images = data["images"]
+        self._index_of_image = {img["id"]: i for i, img in enumerate(self.images)}
+        self._boxes = [[] for _ in self.images]
+        self._labels = [[] for _ in self.images]
+        for ann in data["annotations"]:
+            self._add_annotation(ann, skip_invalid_boxes, box_tolerance)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category2label)
+
+    def _add_annotation(self, ann: dict, skip_invalid: bool, tol: float) -> None:
+        where = f"{self.ann_file}: annotation id {ann.get('id')}"
+        if ann.get("iscrowd", 0):
+            return
+        if ann["image_id"] not in self._index_of_image:
+            raise DatasetError(f"{where} refers to image_id {ann['image_id']}, which is not in "
+                               f"'images'")
+        if ann["category_id"] not in self.category2label:
+            raise DatasetError(f"{where} has category_id {ann['category_id']}, which is not in "
+                               f"'categories' (ids {sorted(self.category2label)})")
+        idx = self._index_of_image[ann["image_id"]]
+        img = self.images[idx]
+        w_img, h_img = img["width"], img["height"]
+        bbox = ann["bbox"]
+        problem = None
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
+            problem = f"bbox must be [x, y, w, h], got {bbox!r}"
+        else:
+            x, y, w, h = (float(v) for v in bbox)
+            if not np.isfinite([x, y, w, h]).all() or w <= 0 or h <= 0:
+                problem = f"bbox {bbox} has a non-finite or non-positive size"
+            elif x < -tol or y < -tol or x + w > w_img + tol or y + h > h_img + tol:
+                problem = (f"bbox {bbox} (xywh) lies outside image {img['file_name']!r} of size "
+                           f"{w_img}x{h_img}")
+        if problem:
+            if not skip_invalid:
+                raise DatasetError(f"{where}: {problem}")
+            log.warning("skipping %s: %s", where, problem)
+            return
+        x0, y0 = max(x, 0.0), max(y, 0.0)
+        x1, y1 = min(x + w, float(w_img)), min(y + h, float(h_img))
+        self._boxes[idx].append([x0, y0, x1, y1])
+        self._labels[idx].append(self.category2label[ann["category_id"]])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_path(self, index: int) -> str:
+        return os.path.join(self.img_folder, self.images[index]["file_name"])
+
+    def load_image(self, index: int) -> Image.Image:
+        path = self.image_path(index)
+        image_id = self.images[index]["id"]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image file not found: {path} (image id {image_id} in "
+                                    f"{self.ann_file})")
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise DatasetError(f"cannot read image {path} (image id {image_id}): {exc}") from None
+        expected = (self.images[index]["width"], self.images[index]["height"])
+        if im.size != expected:
+            raise DatasetError(f"image {path} (image id {image_id}) is {im.size[0]}x{im.size[1]}, "
+                               f"but {self.ann_file} says {expected[0]}x{expected[1]}")
+        return im
+
+    def raw_target(self, index: int) -> dict:
+        img = self.images[index]
+        h, w = img["height"], img["width"]
+        boxes = torch.tensor(self._boxes[index], dtype=torch.float32).reshape(-1, 4)
+        return {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+            "labels": torch.tensor(self._labels[index], dtype=torch.int64),
+            "image_id": int(img["id"]),
+            "orig_size": torch.tensor([w, h], dtype=torch.int64),
+        }
+
+    def __getitem__(self, index: int):
+        im = self.load_image(index)
+        image = tv_tensors.Image(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+        target = self.raw_target(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target, index)
+        return image, target
+

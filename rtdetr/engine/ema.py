@@ -1,0 +1,56 @@
+"""Exponential moving average of a model (RT-DETR ``ModelEMA``, spec §5 and §9.22).
+
+Every update: ``d = decay * (1 - exp(-updates / warmups))``; ``ema = d * ema + (1 - d) * model`` over
+all floating-point ``state_dict`` entries (parameters and BN running statistics); integer buffers
+are copied. Evaluation and export use the EMA weights.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module inside a DDP (or similar ``.module``) wrapper."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) \
+        else model
+
+
+class ModelEMA:
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmups: int = 2000):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if warmups < 0:
+            raise ValueError(f"warmups must be >= 0, got {warmups}")
+        self.module = copy.deepcopy(unwrap(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.warmups, self.updates = decay, warmups, 0
+
+    def current_decay(self) -> float:
+        if self.warmups == 0:
+            return self.decay
+        return self.decay * (1.0 - math.exp(-self.updates / self.warmups))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.current_decay()
+        src = unwrap(model).state_dict()
+        for name, ema_value in self.module.state_dict().items():
+            value = src[name].detach()
+            if ema_value.dtype.is_floating_point:
+                ema_value.mul_(d).add_(value.to(ema_value.dtype), alpha=1.0 - d)
+            else:
+                ema_value.copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates,
+                "decay": self.decay, "warmups": self.warmups}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])

@@ -1,0 +1,79 @@
+"""The rtdetr command: argument parsing, delegation, and a tiny end-to-end train -> eval ->
+predict with the real model (2 steps, 64 px, on the synthetic dataset)."""
+import json
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+from rtdetr import cli
+
+TINY = ["model.backbone.width=0.5", "model.encoder.hidden_dim=32", "model.encoder.nhead=2",
+        "model.encoder.dim_feedforward=64", "model.decoder.hidden_dim=32",
+        "model.decoder.nhead=2", "model.decoder.num_decoder_layers=1",
+        "model.decoder.dim_feedforward=64", "model.decoder.num_queries=12",
+        "model.decoder.num_denoising=6", "model.postprocessor.num_top_queries=12",
+        "data.image_size=64", "data.synthetic_image_size=64", "data.synthetic_num_train=6",
+        "data.synthetic_num_val=2", "data.multiscale=null", "train.batch_size=3",
+        "train.val_batch_size=2", "train.epochs=1", "train.max_steps=2", "train.progress=false"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_parsing():
+    p = cli.build_parser()
+    a = p.parse_args(["train", "--config", "demo", "train.epochs=2", "data.image_size=96"])
+    assert a.command == "train" and a.config == "demo"
+    assert a.overrides == ["train.epochs=2", "data.image_size=96"]
+    a = p.parse_args(["predict", "--checkpoint", "c.pth", "--images", "x.png", "y"])
+    assert a.images == ["x.png", "y"] and a.score_threshold == 0.5
+    a = cli.parse_args(["export", "--opset", "17"])
+    assert a.args == ["--opset", "17"]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["train", "--bogus"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval"])  # --checkpoint is required
+    with pytest.raises(SystemExit):
+        p.parse_args(["fly"])
+
+
+def test_delegation(monkeypatch, capsys):
+    assert cli._delegate("rtdetr.no_such_module_xyz", "export_onnx", []) == 2
+    assert "does not exist yet" in capsys.readouterr().err
+    calls = []
+    fake = types.ModuleType("rtdetr_fake_export")
+    fake.export_onnx = lambda argv: calls.append(argv)
+    monkeypatch.setitem(sys.modules, "rtdetr_fake_export", fake)
+    assert cli._delegate("rtdetr_fake_export", "export_onnx", ["--x"]) == 0 and calls == [["--x"]]
+    assert cli._delegate("rtdetr_fake_export", "missing", []) == 2
+
+
+def test_train_eval_predict_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = [f"data.root={tmp_path / 'shapes'}"] + TINY
+    assert cli.main(["train", "--config", "demo", "--output-dir", str(out)] + common) == 0
+    assert os.path.isfile(out / "last.pth") and os.path.isfile(out / "config.yaml")
+    state = torch.load(out / "last.pth", weights_only=False)
+    assert state["global_step"] == 2 and state["class_names"] == ["circle", "square", "triangle"]
+    text = capsys.readouterr().out
+    assert "AP50" in text
+    assert cli.main(["eval", "--checkpoint", str(out / "last.pth")]) == 0
+    assert "AP75" in capsys.readouterr().out
+    images = tmp_path / "shapes" / "val"
+    pred = tmp_path / "pred"
+    assert cli.main(["predict", "--checkpoint", str(out / "last.pth"), "--images", str(images),
+                     "--output-dir", str(pred), "--score-threshold", "0"]) == 0
+    results = json.load(open(pred / "predictions.json"))
+    assert len(results) == 2 and all(os.path.isfile(r["annotated"]) for r in results)
+    det = results[0]["detections"][0]
+    assert det["name"] in ("circle", "square", "triangle") and len(det["box_xyxy"]) == 4
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        cli.main(["predict", "--checkpoint", str(out / "last.pth"), "--images", "nope.png"])

@@ -1,0 +1,58 @@
+"""Config loading from YAML, dotted key=value overrides, type checks and unknown-key errors."""
+import pytest
+
+from rtdetr.config import Config, ConfigError, load_config, resolve_config_path
+
+
+def test_defaults_and_builtin_demo():
+    cfg = load_config()
+    assert isinstance(cfg, Config) and cfg.train.ema_decay == 0.9999
+    assert cfg.train.warmup_steps == 2000 and cfg.train.clip_max_norm == 0.1
+    demo = load_config("demo")
+    assert demo.model.num_classes == 3 and demo.model.backbone.name == "ghostnetv3"
+    assert resolve_config_path("demo").endswith("demo.yaml")
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  num_classes: 5\ntrain:\n  lr: 2.0e-4\n  betas: [0.8, 0.9]\n"
+                    "data:\n  multiscale: [32, 48]\n")
+    cfg = load_config(str(path), ["train.lr=1e-3", "train.epochs=3", "data.multiscale=null",
+                                  "model.decoder.num_queries=7", "train.backbone_lr=null",
+                                  "data.root=123", "model.backbone.pretrained=some/file.pth",
+                                  "train.amp=false"])
+    assert cfg.model.num_classes == 5 and cfg.train.betas == (0.8, 0.9)
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 3 and cfg.data.multiscale is None
+    assert cfg.model.decoder.num_queries == 7 and cfg.train.backbone_lr is None
+    assert cfg.data.root == "123" and cfg.model.backbone.pretrained == "some/file.pth"
+    assert cfg.train.amp is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", r"unknown key 'lrr' in train \(did you mean 'lr'\?\)"),
+    ("trian.lr=1", r"unknown key 'trian'"),
+    ("model.decoder.foo=1", r"unknown key 'foo' in model.decoder"),
+    ("train.epochs=1.5", r"train.epochs must be an int, got float 1.5"),
+    ("train.amp=maybe", r"train.amp must be true or false"),
+    ("train.lr=fast", r"train.lr must be a number"),
+    ("data.dataset=imagenet", r"data.dataset must be one of \['synthetic', 'coco'\]"),
+    ("train.betas=[1]", r"train.betas must have 2 items"),
+    ("train.epochs", r"must look like section.key=value"),
+    ("train.lr.x=1", r"train.lr is not a section"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'epochz' in train"):
+        load_config(str(path))
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(str(path))
+    with pytest.raises(FileNotFoundError, match="neither a file nor a built-in config"):
+        load_config("no_such_config")
