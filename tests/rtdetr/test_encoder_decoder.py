@@ -1,0 +1,249 @@
+"""HybridEncoder, PResNet, anchors, denoising and decoder semantics (small shapes, CPU)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rtdetr.models.backbone import build_backbone
+from rtdetr.models.decoder import RTDETRDecoder, generate_anchors
+from rtdetr.models.denoising import contrastive_denoising_group
+from rtdetr.models.hybrid_encoder import CSPRepLayer, RepVggBlock, sincos_position_embedding
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomize_bn(module):
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+
+
+# ------------------------------------------------------------------ positional embedding
+def test_sincos_position_embedding_non_square_encodes_row_then_column():
+    h, w, dim, temp = 3, 5, 16, 10000.0
+    pe = sincos_position_embedding(h, w, dim, temp, dtype=torch.float64)[0]
+    assert pe.shape == (h * w, dim)
+    q = dim // 4
+    for y in range(h):
+        for x in range(w):
+            expect = []
+            for coord in (y, x):
+                angles = [coord / temp ** (i / q) for i in range(q)]
+                expect += [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
+            torch.testing.assert_close(pe[y * w + x], torch.tensor(expect, dtype=torch.float64),
+                                       rtol=0, atol=1e-12)
+
+
+def test_sincos_position_embedding_square_matches_official_construction():
+    # Official: meshgrid(arange(W), arange(H), 'ij'), first half from the first grid.
+    n, dim, temp = 6, 32, 10000.0
+    omega = 1.0 / temp ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    gw, gh = torch.meshgrid(torch.arange(n, dtype=torch.float64),
+                            torch.arange(n, dtype=torch.float64), indexing="ij")
+    ow, oh = gw.flatten()[:, None] * omega, gh.flatten()[:, None] * omega
+    official = torch.cat([ow.sin(), ow.cos(), oh.sin(), oh.cos()], 1)
+    ours = sincos_position_embedding(n, n, dim, temp, dtype=torch.float64)[0]
+    torch.testing.assert_close(ours, official, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------ RepVGG / CSP
+def test_repvgg_fold_equals_two_branches_float64():
+    block = RepVggBlock(6, 8).double()
+    randomize_bn(block)
+    block.eval()
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    ref = block(x)
+    block.reparameterize()
+    assert not hasattr(block, "conv1") and block.conv.bias is not None
+    assert rel(block(x), ref) < 1e-12
+
+
+def test_csp_conv3_identity_only_when_hidden_equals_out():
+    assert isinstance(CSPRepLayer(16, 8, 1, expansion=1.0).conv3, nn.Identity)
+    assert not isinstance(CSPRepLayer(16, 8, 1, expansion=0.5).conv3, nn.Identity)
+
+
+# ------------------------------------------------------------------ PResNet
+@pytest.mark.parametrize("name,channels", [("presnet18", [128, 256, 512]),
+                                           ("presnet50", [512, 1024, 2048])])
+def test_presnet_features_at_strides_8_16_32(name, channels):
+    net = build_backbone(name)
+    assert net.out_channels == channels and net.out_strides == [8, 16, 32]
+    feats = net(torch.rand(1, 3, 64, 96))
+    assert [tuple(f.shape) for f in feats] == [(1, c, 64 // s, 96 // s)
+                                               for c, s in zip(channels, [8, 16, 32])]
+
+
+def test_presnet_vd_structure_and_freezing():
+    net = build_backbone("presnet18", freeze_at=0, freeze_norm=True)
+    assert [m.conv.out_channels for m in net.conv1] == [32, 32, 64]
+    assert net.res_layers[0].blocks[0].short is not None  # stage-0 projection (64 -> 64)
+    short = net.res_layers[1].blocks[0].short
+    assert isinstance(short.pool, nn.AvgPool2d) and short.pool.ceil_mode
+    assert not any(p.requires_grad for p in net.conv1.parameters())
+    assert all(p.requires_grad for p in net.res_layers.parameters())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    with pytest.raises(ValueError, match="width"):
+        build_backbone("presnet18", width=1.0)
+
+
+# ------------------------------------------------------------------ anchors
+def test_anchors_valid_ring_and_xy_order():
+    logits, valid = generate_anchors([(80, 80), (40, 40), (20, 20)], eps=0.01)
+    assert logits.shape == (1, 8400, 4) and int((valid == 0).sum()) == 316
+    assert torch.isinf(logits[valid[..., 0] == 0]).all()
+    logits, valid = generate_anchors([(2, 3), (1, 2)], eps=0.01)
+    boxes = logits.sigmoid()[0].double()
+    # level 0 (h=2, w=3), token y*w + x = 1*3 + 2 -> centre ((2+.5)/3, (1+.5)/2), size 0.05
+    torch.testing.assert_close(boxes[5], torch.tensor([2.5 / 3, 0.75, 0.05, 0.05],
+                                                      dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(boxes[7], torch.tensor([0.75, 0.5, 0.1, 0.1], dtype=torch.float64),
+                               rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ denoising
+def _targets(counts, num_classes, rng_boxes=True):
+    out = []
+    for n in counts:
+        cxcy = torch.rand(n, 2) * 0.2 + 0.4
+        wh = torch.rand(n, 2) * 0.1 + 0.05
+        out.append({"labels": torch.randint(0, num_classes, (n,)),
+                    "boxes": torch.cat([cxcy, wh], 1)})
+    return out
+
+
+def test_denoising_groups_mask_and_positive_indices():
+    K, Q, hidden = 7, 5, 8
+    embed = nn.Embedding(K + 1, hidden, padding_idx=K)
+    targets = _targets([2, 0, 3], K)
+    content, ref, mask, meta = contrastive_denoising_group(targets, K, Q, embed, num_denoising=10)
+    G, groups = 3, 10 // 3
+    n_dn = 2 * G * groups
+    assert meta["dn_num_group"] == groups and meta["dn_num_split"] == [n_dn, Q]
+    assert content.shape == (3, n_dn, hidden) and ref.shape == (3, n_dn, 4)
+    for i, n in enumerate([2, 0, 3]):
+        expect = [g * 2 * G + j for g in range(groups) for j in range(n)]
+        assert meta["dn_positive_idx"][i].tolist() == expect
+    assert mask.shape == (n_dn + Q, n_dn + Q) and mask.dtype == torch.bool
+    for r in range(n_dn + Q):
+        for c in range(n_dn + Q):
+            if c >= n_dn:
+                blocked = False  # everybody sees the matching queries
+            elif r >= n_dn:
+                blocked = True  # matching queries never see DN queries
+            else:
+                blocked = r // (2 * G) != c // (2 * G)
+            assert bool(mask[r, c]) == blocked, (r, c)
+    # padding slots (image 1 has no gt) use the zero padding embedding
+    assert torch.equal(content[1], torch.zeros_like(content[1]))
+
+
+def test_denoising_box_noise_magnitudes():
+    K = 3
+    embed = nn.Embedding(K + 1, 4, padding_idx=K)
+    targets = _targets([4, 4], K)
+    _, ref, _, meta = contrastive_denoising_group(targets, K, 2, embed, num_denoising=20,
+                                                  label_noise_ratio=0.0, box_noise_scale=1.0)
+    G, groups = 4, 5
+    noisy = ref.double().sigmoid()
+    checked = 0
+    for i, t in enumerate(targets):
+        gt = t["boxes"].double()
+        gt_xyxy = torch.cat([gt[:, :2] - gt[:, 2:] / 2, gt[:, :2] + gt[:, 2:] / 2], 1)
+        half = gt[:, 2:].repeat(1, 2) / 2
+        for g in range(groups):
+            for part, (lo, hi) in enumerate([(0.0, 1.0), (1.0, 2.0)]):
+                s = g * 2 * G + part * G
+                b = noisy[i, s:s + G]
+                xyxy = torch.cat([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], 1)
+                mag = (xyxy - gt_xyxy).abs() / half
+                # A negative whose corners crossed has w or h clipped to 0: corners unrecoverable.
+                kept = (b[:, 2:] > 1e-3).all(1)
+                checked += int(kept.sum())
+                assert (mag[kept] >= lo - 1e-4).all() and (mag[kept] < hi + 1e-4).all()
+    assert checked >= 2 * groups * G  # every positive and some negatives
+
+
+def test_denoising_label_noise_rate():
+    K = 1000
+    embed = nn.Embedding(K + 1, 16, padding_idx=K)
+    targets = _targets([50] * 8, K)
+    content, _, _, _ = contrastive_denoising_group(targets, K, 2, embed, num_denoising=100,
+                                                   label_noise_ratio=0.5)
+    labels = torch.cdist(content.reshape(-1, 16), embed.weight).argmin(-1).view(8, -1)
+    orig = torch.stack([t["labels"] for t in targets]).repeat(1, 4)
+    changed = (labels != orig).float().mean().item()
+    assert 0.2 < changed < 0.3  # expected 0.25 * (1 - 1/K) over 1600 slots
+
+
+def test_denoising_all_empty_batch_keeps_dummy_group():
+    K, Q = 4, 3
+    embed = nn.Embedding(K + 1, 8, padding_idx=K)
+    targets = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    content, ref, mask, meta = contrastive_denoising_group(targets, K, Q, embed, num_denoising=10)
+    assert content.shape == (2, 2, 8) and ref.shape == (2, 2, 4) and mask.shape == (5, 5)
+    assert meta["dn_num_group"] == 1 and all(len(p) == 0 for p in meta["dn_positive_idx"])
+    assert torch.isfinite(ref).all()
+
+
+# ------------------------------------------------------------------ decoder
+def _decoder(**kw):
+    args = dict(num_classes=5, feat_channels=[16, 16, 16], hidden_dim=16, num_queries=10,
+                nhead=2, num_points=2, num_decoder_layers=3, dim_feedforward=32,
+                num_denoising=0)
+    args.update(kw)
+    return RTDETRDecoder(**args)
+
+
+def _feats(b=2, h=16, w=12):
+    return [torch.randn(b, 16, h // s, w // s) for s in (1, 2, 4)]
+
+
+def test_decoder_initialisation():
+    dec = _decoder(num_denoising=10)
+    prior = -math.log((1 - 0.01) / 0.01)
+    for head in [dec.enc_score_head, *dec.dec_score_head]:
+        torch.testing.assert_close(head.bias, torch.full_like(head.bias, prior))
+    for mlp in [dec.enc_bbox_head, *dec.dec_bbox_head]:
+        assert not mlp.layers[-1].weight.any() and not mlp.layers[-1].bias.any()
+    assert not dec.denoising_class_embed.weight[-1].any()
+    assert not dec.layers[0].cross_attn.attention_weights.weight.any()
+
+
+def test_decoder_detach_pattern():
+    dec = _decoder()
+    for mlp in dec.dec_bbox_head:  # non-zero so gradients flow through the deltas
+        nn.init.normal_(mlp.layers[-1].weight, std=0.1)
+    dec.train()
+    out = dec(_feats())
+    (out["pred_boxes"].sum() + out["pred_logits"].sum()).backward()
+    grad = lambda m: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    assert grad(dec.dec_bbox_head[2]) and grad(dec.dec_bbox_head[1])  # look forward twice
+    assert not grad(dec.dec_bbox_head[0])
+    assert not grad(dec.enc_output) and not grad(dec.enc_bbox_head) and not grad(dec.enc_score_head)
+    assert grad(dec.input_proj)
+    dec.zero_grad()
+    enc = dec(_feats())["enc_aux_outputs"][0]
+    (enc["pred_boxes"].sum() + enc["pred_logits"].sum()).backward()
+    assert grad(dec.enc_bbox_head) and grad(dec.enc_score_head) and grad(dec.enc_output)
+
+
+def test_decoder_eval_stops_at_eval_idx():
+    dec = _decoder(eval_idx=0).eval()
+    calls = []
+    for i, layer in enumerate(dec.layers):
+        layer.register_forward_hook(lambda *a, i=i: calls.append(i))
+    out = dec(_feats())
+    assert calls == [0] and out["pred_logits"].shape == (2, 10, 5)
+
+
+def test_decoder_rejects_inputs_smaller_than_num_queries():
+    dec = _decoder(num_queries=50).eval()
+    with pytest.raises(ValueError, match="num_queries=50"):
+        dec(_feats(h=4, w=4))  # 16 + 4 + 1 = 21 positions < 50 queries

@@ -1,0 +1,163 @@
+"""The assembled RT-DETR: parameter count, outputs in train/eval, deploy(), empty targets, sizes."""
+import pytest
+import torch
+from torch import nn
+
+from rtdetr.models import ModelConfig, build_detector, build_model, load_model_config
+from rtdetr.models.hybrid_encoder import RepVggBlock
+
+CONFIGS = "rtdetr/configs"
+TINY = {"num_classes": 5,
+        "encoder": {"hidden_dim": 32, "nhead": 4, "dim_feedforward": 64, "expansion": 0.5,
+                    "depth_mult": 0.34},
+        "decoder": {"hidden_dim": 32, "nhead": 4, "num_points": 2, "num_decoder_layers": 2,
+                    "num_queries": 20, "num_denoising": 12, "dim_feedforward": 64},
+        "postprocessor": {"num_top_queries": 20}}
+
+
+def tiny_model(frozen_backbone=False, **decoder):
+    """Frozen backbone: the CPU cost of a training step is then mostly encoder and decoder."""
+    backbone = {"name": "presnet18", "freeze_at": 4 if frozen_backbone else -1}
+    cfg = {**TINY, "backbone": backbone, "decoder": {**TINY["decoder"], **decoder}}
+    return build_model(cfg)
+
+
+def targets(counts, k=5):
+    out = []
+    for n in counts:
+        cxcy = torch.rand(n, 2) * 0.5 + 0.25
+        wh = torch.rand(n, 2) * 0.3 + 0.1
+        out.append({"labels": torch.randint(0, k, (n,)), "boxes": torch.cat([cxcy, wh], 1)})
+    return out
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_r18_parameter_count_matches_official():
+    model = build_detector(load_model_config(f"{CONFIGS}/rtdetr_r18vd.yaml"))
+    assert (count(model.backbone), count(model.encoder), count(model.decoder)) == \
+        (11_199_968, 4_965_120, 4_019_376)
+    assert count(model) == 20_184_464
+
+
+@pytest.mark.parametrize("name", ["demo", "rtdetr_ghostnetv3_050", "rtdetr_ghostnetv3_100",
+                                  "rtdetr_ghostnetv3_130"])
+def test_configs_load_and_build(name):
+    cfg = load_model_config(f"{CONFIGS}/{name}.yaml")
+    model = build_detector(cfg)
+    assert model.backbone.out_strides == [8, 16, 32]
+    assert model.encoder.in_channels == model.backbone.out_channels
+
+
+def test_config_rejects_unknown_keys_and_ignores_other_sections(tmp_path):
+    with pytest.raises(ValueError, match="num_querys"):
+        ModelConfig.from_dict({"decoder": {"num_querys": 3}})
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {root: x}\ntrain: {epochs: 1}\nmodel:\n  num_classes: 3\n")
+    assert load_model_config(path).num_classes == 3
+
+
+def test_train_outputs_with_denoising():
+    model, _, _ = tiny_model()
+    model.train()
+    tg = targets([2, 3])
+    out = model(torch.rand(2, 3, 64, 64), tg)
+    assert out["pred_logits"].shape == (2, 20, 5) and out["pred_boxes"].shape == (2, 20, 4)
+    assert len(out["aux_outputs"]) == 1 and len(out["enc_aux_outputs"]) == 1
+    assert out["enc_aux_outputs"][0]["pred_logits"].shape == (2, 20, 5)
+    meta = out["dn_meta"]
+    n_dn = 2 * 3 * (12 // 3)
+    assert meta["dn_num_split"] == [n_dn, 20] and meta["dn_num_group"] == 4
+    assert len(out["dn_aux_outputs"]) == 2
+    assert out["dn_aux_outputs"][-1]["pred_boxes"].shape == (2, n_dn, 4)
+    assert ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
+
+
+def test_training_validates_targets_first():
+    model, _, _ = tiny_model()
+    model.train()
+    bad = targets([1, 1])
+    bad[1]["labels"][0] = 5  # == num_classes
+    with pytest.raises(ValueError, match="labels"):
+        model(torch.rand(2, 3, 64, 64), bad)
+    with pytest.raises(ValueError, match="images"):
+        model(torch.rand(2, 1, 64, 64))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 64), (64, 128)])
+def test_eval_at_sizes_other_than_training(size):
+    model, _, post = tiny_model()
+    model.train()
+    model(torch.rand(2, 3, 96, 96), targets([1, 2]))
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, *size))
+    assert set(out) == {"pred_logits", "pred_boxes"}
+    assert out["pred_logits"].shape == (2, 20, 5) and torch.isfinite(out["pred_boxes"]).all()
+    res = post(out, torch.tensor([[size[1], size[0]]] * 2))
+    assert len(res) == 2
+
+
+def _grad_names(model, criterion, tg):
+    model.zero_grad()
+    out = model(torch.rand(len(tg), 3, 64, 64), tg)
+    loss = sum(criterion(out, tg).values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_empty_target_batches_keep_the_same_graph():
+    model, criterion, _ = tiny_model(frozen_backbone=True)
+    model.train()
+    full = _grad_names(model, criterion, targets([2, 1]))
+    some = _grad_names(model, criterion, targets([0, 2]))
+    none = _grad_names(model, criterion, targets([0, 0]))
+    assert full == some == none
+    out = model(torch.rand(2, 3, 64, 64), targets([0, 0]))
+    assert out["dn_meta"]["dn_num_group"] == 1
+    assert all(len(p) == 0 for p in out["dn_meta"]["dn_positive_idx"])
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+
+
+def test_deploy_equals_unfolded_eval_model():
+    model = build_detector(ModelConfig.from_dict(TINY)).double()
+    _randomize_bn(model)
+    model.eval()
+    x = torch.rand(2, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        model.deploy()
+        out = model(x)
+    assert not model.training
+    blocks = [m for m in model.modules() if isinstance(m, RepVggBlock)]
+    assert blocks and all(hasattr(b, "conv") and not hasattr(b, "conv1") for b in blocks)
+    for key in ("pred_logits", "pred_boxes"):
+        assert ((out[key] - ref[key]).norm() / ref[key].norm()).item() < 1e-10
+
+
+@pytest.mark.slow
+def test_overfit_one_batch_loss_falls():
+    model, criterion, _ = tiny_model(frozen_backbone=True, num_denoising=0)
+    model.train()
+    x, tg = torch.rand(2, 3, 64, 64), targets([2, 1])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = sum(criterion(model(x, tg), tg).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert min(losses[-3:]) < 0.9 * losses[0]
