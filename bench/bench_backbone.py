@@ -1,0 +1,130 @@
+"""Backbone latency: GhostNetV3 (training branches, folded eager, folded on ghostkernels ops,
++ CUDA graph) beside timm ghostnetv3_100 (folded) and resnet18d, eval mode, channels_last.
+
+    python -m bench.bench_backbone                    # GPU: fp16, 640x640, batch 1 and 32
+    python -m bench.bench_backbone --device cpu --batch 1 --size 320 --threads 2   # CPU, fp32
+    python -m bench.bench_backbone --out runs/bench   # also writes backbone.md / backbone.json
+
+GPU times are triton.testing.do_bench medians, CPU times the median of >= 5 perf_counter runs
+(bench/timing.py). Each model's forward returns its backbone features: GhostNetV3 the three maps
+of blocks[4, 6, 9]; timm models ``forward_features`` (GhostNet: through the 960-channel 1x1 conv,
+ResNet18-d: through layer4).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from bench.timing import Row, machine_description, time_ms, write_outputs
+from ghostkernels import backends
+from rtdetr.models.backbone.ghostnetv3 import GhostNetV3
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BASELINES = ("timm ghostnetv3_100 folded", "timm resnet18d")
+
+
+def ghostnet_variants(width: float) -> dict[str, torch.nn.Module]:
+    train = GhostNetV3(width).eval()
+    folded = copy.deepcopy(train).reparameterize(use_fused_ops=False)
+    fused = copy.deepcopy(train).reparameterize(use_fused_ops=True)
+    return {"ghostnetv3 train-branches": train, "ghostnetv3 folded eager": folded,
+            "ghostnetv3 folded fused": fused}
+
+
+def timm_baselines() -> dict[str, torch.nn.Module]:
+    """The timm baseline models, or {} when timm is missing."""
+    try:
+        import timm
+        from timm.utils import reparameterize_model
+    except ImportError:
+        print("timm is not installed: baselines skipped")
+        return {}
+    ghost = reparameterize_model(timm.create_model("ghostnetv3_100", pretrained=False).eval())
+    resnet = timm.create_model("resnet18d", pretrained=False).eval()
+    return {BASELINES[0]: ghost, BASELINES[1]: resnet}
+
+
+class Features(torch.nn.Module):
+    """Wraps a timm model so that calling it returns ``forward_features``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_features(x)
+
+
+def cuda_graph(model: torch.nn.Module, x: torch.Tensor):
+    """A callable that replays ``model(x)`` captured in a CUDA graph (static input ``x``)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            model(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(x)
+    return graph.replay
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--size", type=int, default=640)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="default fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
+    parser.add_argument("--compile", action="store_true",
+                        help="add torch.compile of the folded eager model")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the timm models")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", default=None, help="directory for backbone.md and backbone.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    dtype = DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")]
+    fmt = torch.contiguous_format if args.nchw else torch.channels_last
+
+    models = ghostnet_variants(args.width)
+    if args.compile:
+        models["ghostnetv3 folded eager + torch.compile"] = torch.compile(
+            copy.deepcopy(models["ghostnetv3 folded eager"]))
+    if not args.no_baselines:
+        models.update({name: Features(m) for name, m in timm_baselines().items()})
+    for model in models.values():
+        model.to(device=device, dtype=dtype, memory_format=fmt)
+
+    fused_backend = backends.backend_for("ghost_conv", device, dtype)
+    rows = []
+    for batch in args.batch:
+        case = f"{args.size}x{args.size} bs{batch} {str(dtype).replace('torch.', '')}"
+        x = torch.rand(batch, 3, args.size, args.size, device=device, dtype=dtype)
+        x = x.contiguous(memory_format=fmt)
+        timings = {}
+        with torch.inference_mode():
+            for name, model in models.items():
+                timings[name] = time_ms(lambda m=model: m(x), device)
+        if device == "cuda":
+            with torch.no_grad():  # CUDA graphs capture plain no_grad forwards
+                replay = cuda_graph(models["ghostnetv3 folded fused"], x)
+                timings["ghostnetv3 folded fused + CUDA graph"] = time_ms(replay, device)
+        for name, ms in timings.items():
+            ratios = {b: timings[b] / ms for b in BASELINES if b in timings and b != name}
+            note = f"ghostkernels backend: {fused_backend}" if "fused" in name else ""
+            rows.append(Row("backbone", case, name, ms, ratios=ratios, note=note))
+
+    layout = "NCHW" if args.nchw else "channels_last"
+    header = (f"## Backbone latency (eval, {layout}, GhostNetV3 width {args.width})\n\n"
+              f"Machine: {machine_description(device)}")
+    write_outputs(rows, header, args.out, "backbone")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""GhostNetV3 backbone: architecture numbers of the spec, exact folding, fused ops, timm parity.
+
+Numbers (channels, parameter and MAC counts) are the measured ones of spec ghostnetv3.md §2.
+Folding is checked in eval mode against the training-time model with randomised BN statistics.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import ghostkernels
+from rtdetr.models.backbone.ghostnetv3 import IMAGENET_MEAN, IMAGENET_STD, GhostNetV3
+
+WIDTHS = (0.5, 1.0, 1.3, 1.6)
+# outputs of blocks[0..9] (spec §2.3)
+BLOCK_CHANNELS = {
+    0.5: [8, 12, 12, 20, 20, 40, 56, 80, 80, 480],
+    1.0: [16, 24, 24, 40, 40, 80, 112, 160, 160, 960],
+    1.3: [20, 32, 32, 52, 52, 104, 144, 208, 208, 1248],
+    1.6: [24, 40, 40, 64, 64, 128, 180, 256, 256, 1536],
+}
+BLOCK_STRIDES = [2, 4, 4, 8, 8, 16, 16, 32, 32, 32]
+# (train-mode, official deploy) parameters with the ImageNet head, in millions (spec §2.4)
+PARAMS_M = {0.5: (3.395, 2.853), 1.0: (8.129, 6.148), 1.3: (12.218, 8.948)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convs on a shared 2-core machine run much faster without intra-op threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.normal_(0, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_(0, 0.2)
+    return model
+
+
+def n_params(model: nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def conv_linear_macs(model: GhostNetV3, size: int = 224) -> float:
+    """Multiply-accumulates of every Conv2d and Linear call (forward hooks), in millions."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        conv = isinstance(module, nn.Conv2d)
+        per_output = module.weight[0].numel() if conv else module.in_features
+        total += output.numel() // output.shape[0] * per_output
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model.forward_classifier(torch.rand(1, 3, size, size))
+    for h in handles:
+        h.remove()
+    return total / 1e6
+
+
+# ------------------------------------------------------------------------------ architecture
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_channels_strides_and_taps_match_spec(width):
+    with torch.device("meta"):
+        net = GhostNetV3(width)
+        assert net.block_channels == BLOCK_CHANNELS[width]
+        assert net.block_strides == BLOCK_STRIDES
+        assert net.out_channels == [BLOCK_CHANNELS[width][i] for i in (4, 6, 9)]
+        assert net.out_strides == [8, 16, 32]
+        option_a = GhostNetV3(width, out_indices=(4, 6, 8))
+        assert option_a.out_channels == [BLOCK_CHANNELS[width][i] for i in (4, 6, 8)]
+        assert len(option_a.blocks) == 9  # headless: nothing after the deepest tap
+    bottlenecks = [m for m in net.modules() if type(m).__name__ == "GhostBottleneckV3"]
+    assert len(bottlenecks) == 16
+    assert [b.ghost1.dfc for b in bottlenecks] == [False, False] + [True] * 14
+    assert not any(b.ghost2.dfc for b in bottlenecks)
+    assert [b.stride for b in bottlenecks].count(2) == 4
+
+
+def test_se_reduced_channels_at_width_1():
+    with torch.device("meta"):
+        net = GhostNetV3(1.0)
+    reduced = [m.conv_reduce.out_channels for m in net.modules() if hasattr(m, "conv_reduce")]
+    assert reduced == [20, 32, 120, 168, 168, 240, 240]
+
+
+@pytest.mark.parametrize("width", sorted(PARAMS_M))
+def test_parameter_counts_match_spec(width):
+    train_m, deploy_m = PARAMS_M[width]
+    net = GhostNetV3(width, num_classes=1000)
+    assert n_params(net) == pytest.approx(train_m, abs=0.001)
+    official = copy.deepcopy(net).reparameterize(use_fused_ops=False, fold_all_bn=False)
+    assert n_params(official) == pytest.approx(deploy_m, abs=0.001)
+    # folding the remaining BNs turns (gamma, beta) per channel into one conv bias per channel
+    left_bn_channels = sum(m.num_features for m in official.modules()
+                           if isinstance(m, nn.BatchNorm2d))
+    assert left_bn_channels > 0
+    full = net.reparameterize(use_fused_ops=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in full.modules())
+    assert round(n_params(full) * 1e6) == round(n_params(official) * 1e6) - left_bn_channels
+
+
+def test_macs_at_224_match_spec():
+    net = GhostNetV3(1.0, num_classes=1000).eval()
+    assert conv_linear_macs(net) == pytest.approx(404.1, abs=0.05)
+    net.reparameterize(use_fused_ops=False)
+    assert conv_linear_macs(net) == pytest.approx(167.0, abs=0.05)
+
+
+def test_feature_shapes_at_640_and_non_square():
+    with torch.device("meta"):  # shapes only: no compute at 640x640
+        net = GhostNetV3(1.0)
+        feats = net(torch.rand(1, 3, 640, 640))
+    assert [tuple(f.shape) for f in feats] == [(1, 40, 80, 80), (1, 112, 40, 40), (1, 960, 20, 20)]
+    net = GhostNetV3(0.5, out_indices=(4, 6, 8)).eval()
+    h, w = 97, 45  # odd, non-square: every stride-2 conv rounds up, DFC gates upsample to size
+    with torch.no_grad():
+        feats = net(torch.rand(2, 3, h, w))
+    expected = [(2, c, -(-h // s), -(-w // s)) for c, s in zip(net.out_channels, net.out_strides)]
+    assert [tuple(f.shape) for f in feats] == expected
+    assert net.out_channels == [20, 56, 80]
+
+
+# ----------------------------------------------------------------------------------- folding
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_folding_is_exact_in_eval_mode_float32(width):
+    net = randomize_bn(GhostNetV3(width, num_classes=1000)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = net(x) + [net.forward_classifier(x)]
+        net.reparameterize(use_fused_ops=False)
+        out = net(x) + [net.forward_classifier(x)]
+    for r, o in zip(ref, out):
+        assert (o - r).abs().max() < 1e-5 * r.abs().max()
+
+
+def test_folding_is_exact_float64_both_graphs():
+    net = randomize_bn(GhostNetV3(0.5, num_classes=1000)).double().eval()
+    x = torch.rand(1, 3, 49, 40, dtype=torch.float64)
+    with torch.no_grad():
+        ref = net(x) + [net.forward_classifier(x)]
+        for fold_all_bn in (False, True):
+            folded = copy.deepcopy(net).reparameterize(use_fused_ops=False, fold_all_bn=fold_all_bn)
+            out = folded(x) + [folded.forward_classifier(x)]
+            for r, o in zip(ref, out):
+                assert rel_err(o, r) < 1e-12
+
+
+def test_reparameterize_switches_to_eval_and_is_idempotent():
+    net = randomize_bn(GhostNetV3(0.5, out_indices=(2,))).train()
+    net.reparameterize(use_fused_ops=False)
+    assert not net.training and net.deployed
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.reparameterize(use_fused_ops=False)
+    assert state.keys() == net.state_dict().keys()
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
+
+
+def _folded_pair(width=0.5):
+    net = randomize_bn(GhostNetV3(width, num_classes=1000)).eval()
+    return net.reparameterize(use_fused_ops=False)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_ops_match_plain_pytorch(channels_last):
+    # Must fail (not skip) while ghostkernels.ghost_conv / depthwise_conv are missing.
+    assert callable(ghostkernels.ghost_conv) and callable(ghostkernels.depthwise_conv)
+    net = _folded_pair()
+    x = torch.rand(2, 3, 67, 45)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = net(x) + [net.forward_classifier(x)]
+        net.use_fused_ops = True
+        out = net(x) + [net.forward_classifier(x)]
+    for r, o in zip(ref, out):
+        assert o.shape == r.shape
+        assert rel_err(o, r) < 1e-5
+    if channels_last:
+        assert out[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.gpu
+def test_fused_ops_fp16_channels_last_on_gpu():
+    net = _folded_pair(1.0).cuda()
+    x = torch.rand(2, 3, 160, 224, device="cuda")
+    with torch.no_grad():
+        ref = net(x)
+        half = copy.deepcopy(net).half().to(memory_format=torch.channels_last)
+        xh = x.half().to(memory_format=torch.channels_last)
+        plain = half(xh)
+        half.use_fused_ops = True
+        fused = half(xh)
+    for r, p, f in zip(ref, plain, fused):
+        assert f.dtype == torch.float16
+        # the fused fp16 net is at most about as far from fp32 as eager fp16 is
+        assert rel_err(f, r) <= max(2 * rel_err(p, r), 2e-3)
+
+
+# ------------------------------------------------------------------------------ weights: timm
+
+
+def _timm_model(name="ghostnetv3_050"):
+    timm = pytest.importorskip("timm", reason="timm is not installed")
+    return randomize_bn(timm.create_model(name, pretrained=False)).eval()
+
+
+def _timm_blocks(model, x, indices):
+    x = model.act1(model.bn1(model.conv_stem(x)))
+    feats = []
+    for i, block in enumerate(model.blocks):
+        x = block(x)
+        if i in indices:
+            feats.append(x)
+    return feats
+
+
+def test_timm_state_dict_reproduces_timm_exactly():
+    reference = _timm_model()
+    net = GhostNetV3(0.5, num_classes=1000, normalize_input=False)
+    assert net.load_pretrained(reference.state_dict()) == []
+    net.eval()
+    x = torch.randn(2, 3, 64, 64)  # timm's input is already normalised
+    with torch.no_grad():
+        assert torch.equal(net.forward_classifier(x), reference(x))
+        for ours, theirs in zip(net(x), _timm_blocks(reference, x, (4, 6, 9))):
+            assert torch.equal(ours, theirs)
+        # with built-in normalisation, [0, 1] images give timm's output on normalised images
+        net.normalize_input = True
+        images = torch.rand(1, 3, 64, 64)
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        normalised = (images - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        assert rel_err(net.forward_classifier(images), reference(normalised)) < 1e-6
+
+
+def test_headless_backbone_loads_classifier_checkpoint():
+    reference = _timm_model()
+    net = GhostNetV3(0.5, out_indices=(4, 6, 8), normalize_input=False)
+    skipped = net.load_pretrained(reference.state_dict())
+    absent = ("blocks.9.", "conv_head.", "classifier.")
+    assert skipped and all(k.startswith(absent) for k in skipped)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for ours, theirs in zip(net.eval()(x), _timm_blocks(reference, x, (4, 6, 8))):
+            assert torch.equal(ours, theirs)
+
+
+def test_official_checkpoint_layout_prefers_ema():
+    source = randomize_bn(GhostNetV3(0.5, num_classes=1000))
+    ema = source.state_dict()
+    raw = {k: v + 1 if v.is_floating_point() else v for k, v in ema.items()}
+    checkpoint = {"state_dict": raw, "epoch": 300,
+                  "state_dict_ema": {"module." + k: v for k, v in ema.items()}}
+    checkpoint["state_dict_ema"]["module.blocks.0.0.ghost1.total_ops"] = torch.zeros(1)
+    checkpoint["state_dict_ema"]["module.total_params"] = torch.zeros(1)
+    net = GhostNetV3(0.5, num_classes=1000)
+    net.load_pretrained(checkpoint)
+    assert all(torch.equal(v, ema[k]) for k, v in net.state_dict().items())
+    net.load_pretrained(checkpoint, prefer_ema=False)
+    assert all(torch.equal(v, raw[k]) for k, v in net.state_dict().items())
+
+
+def test_loading_errors_list_the_keys():
+    state = GhostNetV3(0.5, num_classes=1000).state_dict()
+    net = GhostNetV3(0.5, num_classes=1000)
+    broken = dict(state)
+    del broken["blocks.3.0.dw_rpr_scale.bn.running_var"]
+    broken["blocks.3.0.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"1 missing keys \[blocks\.3\.0\.dw_rpr_scale\.bn\."
+                                         r"running_var\], 1 unexpected keys \[blocks\.3\.0\.extra"):
+        net.load_pretrained(broken)
+    with pytest.raises(ValueError, match=r"0 missing keys \[\], 0 unexpected keys \[\], \d+ "
+                                         r"shape mismatches \[blocks\.0\.0\..* checkpoint "
+                                         r"\(8,\) vs model \(4,\)"):
+        net.load_pretrained(GhostNetV3(1.0, num_classes=1000).state_dict())
+    net.reparameterize(use_fused_ops=False)
+    with pytest.raises(ValueError, match="before reparameterize"):
+        net.load_pretrained(state)
+
+
+# --------------------------------------------------------------------- training and bad input
+
+
+def test_training_forward_and_backward():
+    net = GhostNetV3(0.5).train()
+    x = torch.rand(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    feats = net(x)
+    loss = sum((f * torch.randn_like(f)).sum() for f in feats)
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        # (a BN bias right before another train-mode BN can get an exactly zero gradient)
+        if p.dim() == 4:
+            assert p.grad.abs().sum() > 0, name
+    assert net.bn1.num_batches_tracked.item() == 1
+
+
+def test_channels_last_input_gives_the_same_features():
+    net = randomize_bn(GhostNetV3(0.5)).eval()
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        for a, b in zip(net(x), net(x.to(memory_format=torch.channels_last))):
+            assert rel_err(b, a) < 1e-6
+
+
+def test_bad_input_raises_clear_errors():
+    net = GhostNetV3(0.5).eval()
+    with pytest.raises(ValueError, match=r"x must be a 4-d image batch \[B, 3, H, W\], got shape "
+                                         r"\(1, 1, 64, 64\)"):
+        net(torch.rand(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="x must be a 4-d"):
+        net(torch.rand(3, 64, 64))
+    with pytest.raises(ValueError, match="at least 33x33 pixels .* got 32x64"):
+        net(torch.rand(1, 3, 32, 64))
+    with pytest.raises(TypeError, match="floating-point"):
+        net(torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        net([1, 2, 3])
+    with torch.no_grad():
+        assert [f.shape[-1] for f in net(torch.rand(1, 3, 33, 33))] == [5, 3, 2]
+    with pytest.raises(ValueError, match="out_indices must be strictly increasing"):
+        GhostNetV3(0.5, out_indices=(6, 4))
+    with pytest.raises(ValueError, match="out_indices must be strictly increasing"):
+        GhostNetV3(0.5, out_indices=(4, 10))
+    with pytest.raises(ValueError, match="width must be > 0"):
+        GhostNetV3(0.0)
+    with pytest.raises(ValueError, match="forward_classifier needs a model built with num_classes"):
+        net.forward_classifier(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="reparameterize"):
+        net.use_fused_ops = True
