@@ -1,0 +1,287 @@
+"""Multi-scale deformable attention in Triton (forward and backward).
+
+Implements the kernel contract of ``ghostkernels.ops.ms_deform_attn`` with the semantics of the
+grid_sample reference: pixel coordinate ``loc * size - 0.5`` (align_corners=False), bilinear
+interpolation of the four neighbouring pixels, a corner outside the map reads as zero.
+
+Mapping (both kernels): one program per (image n, block of BLOCK_Q queries, head m), image-major
+so consecutive programs share one image's value rows in L2. A program holds a
+``[BLOCK_Q, BLOCK_D]`` tile (queries x channels of the head), loops over the levels (runtime L,
+level shapes read from the int64 tensors on the device: no host sync) and the points (P is a
+constexpr, unrolled). Per (query, point) the location, floor, fractions, corner weights and
+in-bounds masks are computed once as ``[BLOCK_Q]`` vectors; the four corners are gathered as
+``[BLOCK_Q, BLOCK_D]`` tiles with masks; everything accumulates in float32.
+
+- forward: ``acc += attn * bilinear(value)``; stored once in value's dtype. D wider than
+  ``BLOCK_D`` is split over extra programs (no reduction over D is needed).
+- backward: ``grad_value`` gets ``attn * corner_weight * grad_out`` through ``tl.atomic_add``
+  into a float32 buffer (many queries hit the same pixel). ``grad_attention_weights`` and
+  ``grad_sampling_locations`` are sums over D, reduced inside the program with ``tl.sum`` (the
+  program loops over D in chunks of ``BLOCK_D``) and stored without atomics, since each
+  (query, head, level, point) belongs to exactly one program.
+
+Flat offsets are int64 (the program id is widened first), so no tensor size overflows int32
+arithmetic, and there is no batch chunking or divisibility rule. Block sizes come from D (next
+power of two, masked) and shrink BLOCK_Q until the grid covers the GPU for small N * Lq.
+
+Border behaviour is that of grid_sample, including gradients: a point at ``h == -1`` exactly
+contributes zero but still has a location gradient through its in-map corner (as in
+``torch.nn.functional.grid_sample``); points further out contribute nothing and get zero grads.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK_Q = 64
+MIN_BLOCK_Q = 4
+MAX_BLOCK_D = 128
+FORWARD_TILE = 2048  # elements of the [BLOCK_Q, BLOCK_D] tile
+BACKWARD_TILE = 1024  # the backward keeps more tiles live (grad_out, 4 corners)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_q: int
+    block_d: int
+    num_warps: int
+
+
+def launch_config(N: int, Lq: int, M: int, D: int, num_sms: int, tile: int) -> LaunchConfig:
+    """Block sizes for ``N`` images x ``Lq`` queries x ``M`` heads of ``D`` channels.
+
+    BLOCK_D: next power of two of D, at most MAX_BLOCK_D. BLOCK_Q fills a ``tile``-element tile,
+    never exceeds the (power-of-two rounded) query count, and is halved (down to MIN_BLOCK_Q)
+    while the grid has fewer than two programs per SM.
+    """
+    block_d = min(triton.next_power_of_2(max(D, 1)), MAX_BLOCK_D)
+    block_q = max(1, min(MAX_BLOCK_Q, tile // block_d, triton.next_power_of_2(max(Lq, 1))))
+    d_blocks = triton.cdiv(D, block_d)
+    while block_q > MIN_BLOCK_Q and N * M * d_blocks * triton.cdiv(Lq, block_q) < 2 * num_sms:
+        block_q //= 2
+    num_warps = max(1, min(4, block_q * block_d // 256))
+    return LaunchConfig(block_q, block_d, num_warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: fewer, larger programs run fastest
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# --------------------------------------------------------------------------------------------
+# Shared device helpers
+
+
+@triton.jit
+def _load_point(loc_ptr, attn_ptr, point, q_mask, H, W):
+    """Location and weight of one point for each query of the block, as bilinear set-up:
+    (row/column of the top-left corner, fractions, in-map masks of the corner rows/columns,
+    attention weight)."""
+    x = tl.load(loc_ptr + 2 * point, mask=q_mask, other=0.0)
+    y = tl.load(loc_ptr + 2 * point + 1, mask=q_mask, other=0.0)
+    a = tl.load(attn_ptr + point, mask=q_mask, other=0.0).to(tl.float32)
+    Hf = H.to(tl.float32)
+    Wf = W.to(tl.float32)
+    px = x * Wf - 0.5
+    py = y * Hf - 0.5
+    x0f = tl.floor(px)
+    y0f = tl.floor(py)
+    fx = px - x0f
+    fy = py - y0f
+    # Bounds are tested in float, so huge or non-finite locations never reach the int cast.
+    x0_in = q_mask & (x0f >= 0.0) & (x0f <= Wf - 1.0)
+    x1_in = q_mask & (x0f >= -1.0) & (x0f <= Wf - 2.0)
+    y0_in = q_mask & (y0f >= 0.0) & (y0f <= Hf - 1.0)
+    y1_in = q_mask & (y0f >= -1.0) & (y0f <= Hf - 2.0)
+    x0 = tl.where(x0_in | x1_in, x0f, 0.0).to(tl.int64)
+    y0 = tl.where(y0_in | y1_in, y0f, 0.0).to(tl.int64)
+    return x0, y0, fx, fy, x0_in, x1_in, y0_in, y1_in, a
+
+
+@triton.jit
+def _value_offsets(row, m, M, D, d):
+    """Element offsets of channels ``d`` of head ``m`` at value rows ``row`` ([BLOCK_Q])."""
+    return (row * M + m)[:, None] * D + d[None, :]
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _ms_deform_attn_fwd_kernel(
+        value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
+        S, M, D, Lq, L, num_q_blocks, num_d_blocks,
+        P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    d_block = pid % num_d_blocks
+    rest = pid // num_d_blocks
+    m = rest % M
+    rest = rest // M
+    q_block = rest % num_q_blocks
+    n = rest // num_q_blocks
+
+    q = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    q_mask = q < Lq
+    d_mask = d < D
+    query_head = (n * Lq + q) * M + m  # index into [N, Lq, M]
+
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    for lvl in range(L):
+        H = tl.load(shapes_ptr + 2 * lvl)
+        W = tl.load(shapes_ptr + 2 * lvl + 1)
+        row_base = n * S + tl.load(starts_ptr + lvl)
+        for p in tl.static_range(P):
+            point = (query_head * L + lvl) * P + p
+            x0, y0, fx, fy, x0_in, x1_in, y0_in, y1_in, a = _load_point(
+                loc_ptr, attn_ptr, point, q_mask, H, W)
+            row00 = row_base + y0 * W + x0
+            v00 = tl.load(value_ptr + _value_offsets(row00, m, M, D, d),
+                          mask=(y0_in & x0_in)[:, None] & d_mask[None, :], other=0.0)
+            v01 = tl.load(value_ptr + _value_offsets(row00 + 1, m, M, D, d),
+                          mask=(y0_in & x1_in)[:, None] & d_mask[None, :], other=0.0)
+            v10 = tl.load(value_ptr + _value_offsets(row00 + W, m, M, D, d),
+                          mask=(y1_in & x0_in)[:, None] & d_mask[None, :], other=0.0)
+            v11 = tl.load(value_ptr + _value_offsets(row00 + W + 1, m, M, D, d),
+                          mask=(y1_in & x1_in)[:, None] & d_mask[None, :], other=0.0)
+            gx = 1.0 - fx
+            gy = 1.0 - fy
+            acc += (a * gy * gx)[:, None] * v00.to(tl.float32)
+            acc += (a * gy * fx)[:, None] * v01.to(tl.float32)
+            acc += (a * fy * gx)[:, None] * v10.to(tl.float32)
+            acc += (a * fy * fx)[:, None] * v11.to(tl.float32)
+
+    out_offsets = query_head[:, None] * D + d[None, :]
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty),
+             mask=q_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _ms_deform_attn_bwd_kernel(
+        grad_out_ptr, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
+        grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
+        S, M, D, Lq, L, num_q_blocks,
+        P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    m = pid % M
+    rest = pid // M
+    q_block = rest % num_q_blocks
+    n = rest // num_q_blocks
+
+    q = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < Lq
+    query_head = (n * Lq + q) * M + m
+
+    for lvl in range(L):
+        H = tl.load(shapes_ptr + 2 * lvl)
+        W = tl.load(shapes_ptr + 2 * lvl + 1)
+        row_base = n * S + tl.load(starts_ptr + lvl)
+        for p in tl.static_range(P):
+            point = (query_head * L + lvl) * P + p
+            x0, y0, fx, fy, x0_in, x1_in, y0_in, y1_in, a = _load_point(
+                loc_ptr, attn_ptr, point, q_mask, H, W)
+            gx = 1.0 - fx
+            gy = 1.0 - fy
+            row00 = row_base + y0 * W + x0
+            in00 = (y0_in & x0_in)[:, None]
+            in01 = (y0_in & x1_in)[:, None]
+            in10 = (y1_in & x0_in)[:, None]
+            in11 = (y1_in & x1_in)[:, None]
+            grad_a = tl.zeros([BLOCK_Q], dtype=tl.float32)  # d out / d attn, summed over D
+            grad_px = tl.zeros([BLOCK_Q], dtype=tl.float32)  # d sample / d pixel x, same
+            grad_py = tl.zeros([BLOCK_Q], dtype=tl.float32)
+            for d_start in range(0, D, BLOCK_D):
+                d = d_start + tl.arange(0, BLOCK_D)
+                d_mask = (d < D)[None, :]
+                go = tl.load(grad_out_ptr + query_head[:, None] * D + d[None, :],
+                             mask=q_mask[:, None] & d_mask, other=0.0).to(tl.float32)
+                off00 = _value_offsets(row00, m, M, D, d)
+                off01 = _value_offsets(row00 + 1, m, M, D, d)
+                off10 = _value_offsets(row00 + W, m, M, D, d)
+                off11 = _value_offsets(row00 + W + 1, m, M, D, d)
+                v00 = tl.load(value_ptr + off00, mask=in00 & d_mask, other=0.0).to(tl.float32)
+                v01 = tl.load(value_ptr + off01, mask=in01 & d_mask, other=0.0).to(tl.float32)
+                v10 = tl.load(value_ptr + off10, mask=in10 & d_mask, other=0.0).to(tl.float32)
+                v11 = tl.load(value_ptr + off11, mask=in11 & d_mask, other=0.0).to(tl.float32)
+                sample = ((gy * gx)[:, None] * v00 + (gy * fx)[:, None] * v01
+                          + (fy * gx)[:, None] * v10 + (fy * fx)[:, None] * v11)
+                grad_a += tl.sum(go * sample, axis=1)
+                dx = gy[:, None] * (v01 - v00) + fy[:, None] * (v11 - v10)
+                dy = gx[:, None] * (v10 - v00) + fx[:, None] * (v11 - v01)
+                grad_px += tl.sum(go * dx, axis=1)
+                grad_py += tl.sum(go * dy, axis=1)
+                go_a = go * a[:, None]
+                tl.atomic_add(grad_value_ptr + off00, go_a * (gy * gx)[:, None],
+                              mask=in00 & d_mask, sem="relaxed")
+                tl.atomic_add(grad_value_ptr + off01, go_a * (gy * fx)[:, None],
+                              mask=in01 & d_mask, sem="relaxed")
+                tl.atomic_add(grad_value_ptr + off10, go_a * (fy * gx)[:, None],
+                              mask=in10 & d_mask, sem="relaxed")
+                tl.atomic_add(grad_value_ptr + off11, go_a * (fy * fx)[:, None],
+                              mask=in11 & d_mask, sem="relaxed")
+            tl.store(grad_attn_ptr + point, grad_a, mask=q_mask)
+            # pixel x = loc_x * W - 0.5, so d/d loc_x = W * d/d pixel x (same for y with H).
+            tl.store(grad_loc_ptr + 2 * point, grad_px * a * W.to(tl.float32), mask=q_mask)
+            tl.store(grad_loc_ptr + 2 * point + 1, grad_py * a * H.to(tl.float32), mask=q_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (the kernel contract of ghostkernels.ops.ms_deform_attn)
+
+
+def _launch_forward(value, spatial_shapes, level_start_index, sampling_locations,
+                    attention_weights, config: LaunchConfig):
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    out = value.new_empty(N, Lq, M * D)
+    num_q_blocks = triton.cdiv(Lq, config.block_q)
+    num_d_blocks = triton.cdiv(D, config.block_d)
+    grid = (N * num_q_blocks * M * num_d_blocks,)
+    _ms_deform_attn_fwd_kernel[grid](
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
+        S, M, D, Lq, L, num_q_blocks, num_d_blocks,
+        P=P, BLOCK_Q=config.block_q, BLOCK_D=config.block_d, num_warps=config.num_warps)
+    return out
+
+
+def _launch_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                     attention_weights, config: LaunchConfig):
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+    grad_loc = torch.empty(sampling_locations.shape, dtype=torch.float32, device=value.device)
+    grad_attn = torch.empty(attention_weights.shape, dtype=torch.float32, device=value.device)
+    num_q_blocks = triton.cdiv(Lq, config.block_q)
+    grid = (N * num_q_blocks * M,)
+    _ms_deform_attn_bwd_kernel[grid](
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+        attention_weights, grad_value, grad_loc, grad_attn,
+        S, M, D, Lq, L, num_q_blocks,
+        P=P, BLOCK_Q=config.block_q, BLOCK_D=config.block_d, num_warps=config.num_warps)
+    return grad_value, grad_loc, grad_attn
+
+
+def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """-> ``[N, Lq, M*D]`` in value's dtype (inputs as in the op module's kernel contract)."""
+    N, _, M, D = value.shape
+    Lq = sampling_locations.shape[1]
+    config = launch_config(N, Lq, M, D, _num_sms(value.device), FORWARD_TILE)
+    return _launch_forward(value, spatial_shapes, level_start_index, sampling_locations,
+                           attention_weights, config)
+
+
+def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+             attention_weights):
+    """-> (grad_value, grad_sampling_locations, grad_attention_weights), all float32."""
+    N, _, M, D = value.shape
+    Lq = sampling_locations.shape[1]
+    config = launch_config(N, Lq, M, D, _num_sms(value.device), BACKWARD_TILE)
+    return _launch_backward(grad_output, value, spatial_shapes, level_start_index,
+                            sampling_locations, attention_weights, config)
