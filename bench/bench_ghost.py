@@ -1,0 +1,89 @@
+"""Benchmark ghostkernels.ghost_conv and depthwise_conv per backend against cuDNN eager
+(conv1x1, dwconv3x3, cat) and torch.compile of the same, at the Ghost shapes of
+benchmark-protocol.md (fp16, NCHW and channels_last, batch 1 and 32, ReLU on both halves).
+
+    python -m bench.bench_ghost                 # GPU
+    python -m bench.bench_ghost --device cpu --batches 1 --dtype fp32 --shapes "40->120 @80"
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from bench.timing import Row, copy_bandwidth_gbs, machine_description, time_ms, write_outputs
+from ghostkernels import backends, depthwise_conv, ghost_conv, use_backend
+
+SHAPES = {"16->48 @320": (16, 48, 320), "24->72 @160": (24, 72, 160), "40->120 @80": (40, 120, 80),
+          "80->200 @40": (80, 200, 40), "160->960 @20": (160, 960, 20)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def eager_ghost(x, w1, b1, w2, b2):
+    x1 = F.relu(F.conv2d(x, w1, b1))
+    x2 = F.relu(F.conv2d(x1, w2, b2, padding=1, groups=w2.shape[0]))
+    return torch.cat([x1, x2], 1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES)}")
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 32])
+    parser.add_argument("--dtype", default="fp16", choices=list(DTYPES))
+    parser.add_argument("--formats", nargs="*", default=["nchw", "nhwc"], choices=["nchw", "nhwc"])
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device, dtype = args.device, DTYPES[args.dtype]
+    shapes = args.shapes or (list(SHAPES) if device == "cuda" else ["40->120 @80"])
+    bandwidth = copy_bandwidth_gbs(device)
+    names = [b for b in ("reference", "cpu", "triton", "cuda")
+             if backends.availability(b, device).available
+             and dtype in backends.implementations("ghost_conv")[b].dtypes]
+    compiled = None if args.no_compile else torch.compile(eager_ghost)
+    rows = []
+    with torch.no_grad():
+        for shape in shapes:
+            cin, cout, hw = SHAPES[shape]
+            c1 = cout // 2
+            w1 = torch.randn(c1, cin, 1, 1, device=device, dtype=dtype) / cin ** 0.5
+            b1 = torch.randn(c1, device=device, dtype=dtype) * 0.1
+            w2 = torch.randn(c1, 1, 3, 3, device=device, dtype=dtype) / 3
+            b2 = torch.randn(c1, device=device, dtype=dtype) * 0.1
+            for batch in args.batches:
+                for fmt in args.formats:
+                    x = torch.randn(batch, cin, hw, hw, device=device, dtype=dtype)
+                    if fmt == "nhwc":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    case = f"B{batch} g {shape} {args.dtype} {fmt}"
+                    elem = x.element_size()
+                    ghost_floor = (x.numel() + batch * cout * hw * hw) * elem / bandwidth / 1e6
+                    dw_floor = 2 * batch * c1 * hw * hw * elem / bandwidth / 1e6
+                    base = {"cuDNN eager": time_ms(lambda: eager_ghost(x, w1, b1, w2, b2), device)}
+                    if compiled is not None:
+                        base["torch.compile"] = time_ms(lambda: compiled(x, w1, b1, w2, b2), device)
+                    for label, ms in base.items():
+                        rows.append(Row("ghost-fwd", case, label, ms, ghost_floor))
+                    x1 = F.relu(F.conv2d(x, w1, b1))
+                    dw_eager = time_ms(lambda: F.conv2d(x1, w2, b2, padding=1, groups=c1), device)
+                    rows.append(Row("dw3x3-fwd", case, "cuDNN eager", dw_eager, dw_floor))
+                    for backend in names:
+                        if backend == "reference":
+                            continue  # the reference is the eager composition above
+                        with use_backend(backend):
+                            ms = time_ms(lambda: ghost_conv(x, w1, b1, w2, b2), device)
+                            dw_ms = time_ms(lambda: depthwise_conv(x1, w2, b2), device)
+                        rows.append(Row("ghost-fwd", case, backend, ms, ghost_floor,
+                                        {k: v / ms for k, v in base.items()}))
+                        rows.append(Row("dw3x3-fwd", case, backend, dw_ms, dw_floor,
+                                        {"cuDNN eager": dw_eager / dw_ms}))
+    header = (f"### ghost_conv / depthwise_conv ({machine_description(device)}; copy bandwidth "
+              f"{bandwidth:.0f} GB/s read+write)")
+    write_outputs(rows, header, args.out, "ghost")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
