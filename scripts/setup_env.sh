@@ -19,6 +19,6 @@ fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 start=$(date +%s)
-python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+python -m pip install -q --disable-pip-version-check --no-build-isolation --use-pep517 --no-deps -e .
 echo "ghostkernels built in $(( $(date +%s) - start )) s"
 python -m ghostkernels
