@@ -6,7 +6,7 @@
     python -m bench.bench_backbone --out runs/bench   # also writes backbone.md / backbone.json
 
 GPU times are triton.testing.do_bench medians, CPU times the median of >= 5 perf_counter runs
-(bench/timing.py). Each model's forward returns its backbone features: GhostNetV3 the three maps
+(ghostkernels/benchmark.py). Each model's forward returns its backbone features: GhostNetV3 the three maps
 of blocks[4, 6, 9]; timm models ``forward_features`` (GhostNet: through the 960-channel 1x1 conv,
 ResNet18-d: through layer4).
 """
@@ -17,7 +17,7 @@ import copy
 
 import torch
 
-from bench.timing import Row, machine_description, time_ms, write_outputs
+from ghostkernels.benchmark import Row, machine_description, time_ms, write_outputs
 from ghostkernels import backends
 from rtdetr.models.backbone.ghostnetv3 import GhostNetV3
 

@@ -12,7 +12,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from bench.timing import Row, copy_bandwidth_gbs, machine_description, time_ms, write_outputs
+from ghostkernels.benchmark import Row, copy_bandwidth_gbs, machine_description, time_ms, write_outputs
 from ghostkernels import backends, depthwise_conv, ghost_conv, use_backend
 
 SHAPES = {"16->48 @320": (16, 48, 320), "24->72 @160": (24, 72, 160), "40->120 @80": (40, 120, 80),

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from bench.timing import Row, copy_bandwidth_gbs, machine_description, time_ms, write_outputs
+from ghostkernels.benchmark import Row, copy_bandwidth_gbs, machine_description, time_ms, write_outputs
 from ghostkernels import backends, ms_deform_attn, use_backend
 
 DEC_LEVELS = [(80, 80), (40, 40), (20, 20)]

@@ -158,6 +158,18 @@ class RTDETRDecoder(nn.Module):
             self._anchor_cache[key] = generate_anchors(spatial_shapes, self.eps, device, dtype)
         return self._anchor_cache[key]
 
+    def level_metadata(self, spatial_shapes: Sequence[tuple[int, int]], device):
+        """``spatial_shapes`` [L, 2] and ``level_start_index`` [L] as int64 tensors on
+        ``device``, cached per size: no host-to-device copy per forward (CUDA-graph capturable)."""
+        key = ("levels", tuple(map(tuple, spatial_shapes)), str(device))
+        if key not in self._anchor_cache:
+            if len(self._anchor_cache) >= MAX_ANCHOR_CACHE:
+                self._anchor_cache.clear()
+            shapes = torch.tensor(spatial_shapes, dtype=torch.long, device=device)
+            starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+            self._anchor_cache[key] = (shapes, starts)
+        return self._anchor_cache[key]
+
     # ---------------------------------------------------------------- forward
     def _flatten_memory(self, feats: Sequence[torch.Tensor]):
         if len(feats) != len(self.feat_channels):
@@ -191,9 +203,7 @@ class RTDETRDecoder(nn.Module):
 
     def forward(self, feats: Sequence[torch.Tensor], targets: list[dict] | None = None) -> dict:
         memory, shapes = self._flatten_memory(feats)
-        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=memory.device)
-        level_start_index = torch.cat([spatial_shapes.new_zeros(1),
-                                       spatial_shapes.prod(1).cumsum(0)[:-1]])
+        spatial_shapes, level_start_index = self.level_metadata(shapes, memory.device)
         content, ref_unact, enc_topk_logits = self._select_queries(memory, shapes)
         enc_topk_bboxes = ref_unact.sigmoid()  # not detached: trains the encoder heads
 

@@ -45,15 +45,15 @@ def test_parsing():
         p.parse_args(["fly"])
 
 
-def test_delegation(monkeypatch, capsys):
-    assert cli._delegate("rtdetr.no_such_module_xyz", "export_onnx", []) == 2
-    assert "does not exist yet" in capsys.readouterr().err
+def test_export_and_bench_pass_their_arguments_on(monkeypatch):
+    import rtdetr.benchmark
+    import rtdetr.export
     calls = []
-    fake = types.ModuleType("rtdetr_fake_export")
-    fake.export_onnx = lambda argv: calls.append(argv)
-    monkeypatch.setitem(sys.modules, "rtdetr_fake_export", fake)
-    assert cli._delegate("rtdetr_fake_export", "export_onnx", ["--x"]) == 0 and calls == [["--x"]]
-    assert cli._delegate("rtdetr_fake_export", "missing", []) == 2
+    monkeypatch.setattr(rtdetr.export, "main", lambda argv: calls.append(("export", argv)) or 0)
+    monkeypatch.setattr(rtdetr.benchmark, "main", lambda argv: calls.append(("bench", argv)))
+    assert cli.main(["export", "--opset", "17"]) == 0
+    assert cli.main(["bench", "--device", "cpu"]) == 0
+    assert calls == [("export", ["--opset", "17"]), ("bench", ["--device", "cpu"])]
 
 
 def test_train_eval_predict_end_to_end(tmp_path, capsys):

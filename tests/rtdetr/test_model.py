@@ -146,18 +146,19 @@ def test_deploy_equals_unfolded_eval_model():
         assert ((out[key] - ref[key]).norm() / ref[key].norm()).item() < 1e-10
 
 
-@pytest.mark.slow
 def test_overfit_one_batch_loss_falls():
+    torch.set_num_threads(1)  # tiny ops: threads only add overhead on a shared 2-core machine
     model, criterion, _ = tiny_model(frozen_backbone=True, num_denoising=0)
     model.train()
     x, tg = torch.rand(2, 3, 64, 64), targets([2, 1])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
-    for _ in range(15):
+    for _ in range(40):
         loss = sum(criterion(model(x, tg), tg).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert min(losses[-3:]) < 0.9 * losses[0]
+    # Matching can make the first steps go up; over 40 steps the loss must fall clearly.
+    assert min(losses[-5:]) < 0.7 * max(losses[:3])

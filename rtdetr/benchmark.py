@@ -1,0 +1,153 @@
+"""End-to-end detector latency (model + postprocessor, random weights) at 640x640, one table.
+
+Per model and batch: unfolded eager (training structure), folded eager, folded + fused ops,
+folded + fused + CUDA graph (GPU only), torch.compile (inductor, folded + fused). "Eager" rows run
+every ghostkernels op on its ``reference`` backend (plain PyTorch); "fused" rows on the automatic
+choice (named in the note). GPU: fp16 weights and inputs, channels_last, batch 1 and 32; CPU: fp32,
+batch 1 (benchmark-protocol.md).
+
+    rtdetr bench                          # GPU if present, else CPU
+    rtdetr bench --device cpu --quick --out results/
+    rtdetr bench --models r18 --modes "folded + fused" --batch 1
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from ghostkernels.benchmark import Row, machine_description, time_ms, write_outputs
+from ghostkernels import backend_for, use_backend
+
+MODELS = {"r18": ("RT-DETR-R18", "rtdetr_r18vd"),
+          "ghost100": ("RT-DETR-GhostNetV3-1.0", "rtdetr_ghostnetv3_100"),
+          "ghost130": ("RT-DETR-GhostNetV3-1.3", "rtdetr_ghostnetv3_130")}
+MODES = ("unfolded eager", "folded eager", "folded + fused", "folded + fused + CUDA graph",
+         "torch.compile")
+BASELINE = "unfolded eager"
+OPS = ("ms_deform_attn", "ghost_conv", "depthwise_conv")
+# Official RT-DETRv2-R18 after deploy(), model forward at 640x640, batch 1, on the 2-core
+# development CPU (shared/spec/anchors.md); measured separately, so only quoted in the header.
+OFFICIAL_R18_CPU_MS = 500.0
+
+
+def build(config: str):
+    from rtdetr.config import load_config
+    from rtdetr.models.config import build_model
+    model, _, postprocessor = build_model(load_config(config).model)
+    return model.eval(), postprocessor
+
+
+def backends_note(device: str, dtype: torch.dtype, backbone_fused: bool) -> str:
+    ops = OPS if backbone_fused else OPS[:1]
+    return ", ".join(f"{op}={backend_for(op, device, dtype)}" for op in ops)
+
+
+def run_mode(mode, model, postprocessor, images, sizes, device, cpu_runs, compile_backend):
+    """(milliseconds, note) of one mode; the model is already folded for every mode but the
+    first."""
+    from rtdetr.runtime import CudaGraphDetector, EndToEndDetector, compile_detector
+    dtype = images.dtype
+    fused = hasattr(type(model.backbone), "use_fused_ops") and model.backbone.deployed
+    if mode in ("unfolded eager", "folded eager"):
+        detector = EndToEndDetector(model, postprocessor)
+        with use_backend("reference"), torch.no_grad():
+            return time_ms(lambda: detector(images, sizes), device, cpu_runs), "reference ops"
+    note = backends_note(device, dtype, fused)
+    if mode == "folded + fused":
+        detector = EndToEndDetector(model, postprocessor)
+        with torch.no_grad():
+            return time_ms(lambda: detector(images, sizes), device, cpu_runs), note
+    if mode == "folded + fused + CUDA graph":
+        graphed = CudaGraphDetector(model, images.shape[0], images.shape[2], images.shape[3],
+                                    dtype, postprocessor=postprocessor,
+                                    channels_last=not images.is_contiguous())
+        graphed(images, sizes)
+        return time_ms(graphed.replay, device, cpu_runs), note
+    compiled = compile_detector(model, postprocessor, backend=compile_backend)
+    start = time.perf_counter()
+    with torch.no_grad():
+        compiled(images, sizes)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        ms = time_ms(lambda: compiled(images, sizes), device, cpu_runs)
+    return ms, f"{note}; {compile_backend}, first call {first:.0f} s"
+
+
+def bench_model(key, batches, size, device, dtype, channels_last, modes, cpu_runs,
+                compile_backend) -> list[Row]:
+    name, config = MODELS[key]
+    model, postprocessor = build(config)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device=device, dtype=dtype, memory_format=fmt)
+    rows = []
+    for mode in modes:  # every mode after the unfolded baseline runs the folded model
+        if mode != BASELINE:
+            model.deploy()  # idempotent
+        for batch in batches:
+            images = torch.rand(batch, 3, size, size, device=device, dtype=dtype
+                                ).contiguous(memory_format=fmt)
+            sizes = torch.tensor([[size, size]] * batch, device=device)
+            case = f"{size}x{size} bs{batch} {str(dtype).replace('torch.', '')}"
+            try:
+                ms, note = run_mode(mode, model, postprocessor, images, sizes, device, cpu_runs,
+                                    compile_backend)
+            except Exception as exc:  # noqa: BLE001 - one failing mode must not hide the others
+                ms, note = math.nan, f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+            rows.append(Row(name, case, mode, ms, note=note))
+            print(f"{name} {case} {mode}: {ms:.2f} ms  {note}", flush=True)
+    for row in rows:
+        base = [r.ms for r in rows if r.implementation == BASELINE and r.case == row.case]
+        if base and row.implementation != BASELINE and not math.isnan(row.ms):
+            row.ratios = {BASELINE: base[0] / row.ms}
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                   help="default: all (no CUDA graph on the CPU)")
+    p.add_argument("--batch", type=int, nargs="+", help="default: 1 32 on a GPU, 1 on the CPU")
+    p.add_argument("--size", type=int, default=640)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--quick", action="store_true",
+                   help="fewest repeats (5 CPU runs instead of 10); GPU timing unchanged")
+    p.add_argument("--out", help="folder for detector.md / detector.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    modes = args.modes or [m for m in MODES if gpu or "CUDA graph" not in m]
+    batches = args.batch or ([1, 32] if gpu else [1])
+    dtype = torch.float16 if gpu else torch.float32
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    rows = []
+    for key in args.models:
+        rows += bench_model(key, batches, args.size, args.device, dtype, gpu, modes,
+                            5 if args.quick else 10, args.compile_backend)
+    header = (f"# Detector end to end (model + postprocessor, random weights)\n\n"
+              f"{machine_description(args.device)}; {'fp16 channels_last' if gpu else 'fp32'}; "
+              f"median of {'do_bench' if gpu else ('5' if args.quick else '10') + ' runs'}.")
+    if not gpu:
+        header += (f"\nOfficial RT-DETRv2-R18 folded, model forward, 640x640 batch 1 on the 2-core "
+                   f"development CPU: {OFFICIAL_R18_CPU_MS:.0f} ms (anchors.md, a separate run).")
+    write_outputs(rows, header, args.out, "detector")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
