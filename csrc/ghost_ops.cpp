@@ -26,9 +26,22 @@ static void check_vector_param(const char* name, const at::Tensor& t, const at::
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+static void check_activation_param(const char* name, const at::Tensor& t, const at::Tensor& x,
+                                   at::MemoryFormat fmt) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ",
+              t.device());
+  TORCH_CHECK(t.is_contiguous(fmt), name, " must be contiguous in the output's memory format ",
+              fmt, ", got strides ", t.strides());
+}
+
 at::MemoryFormat check_ghost_conv_inputs(const at::Tensor& x, const at::Tensor& w_primary,
                                          const at::Tensor& b_primary, const at::Tensor& w_cheap,
-                                         const at::Tensor& b_cheap, int64_t out_channels) {
+                                         const at::Tensor& b_cheap, int64_t out_channels,
+                                         const std::optional<at::Tensor>& input_scale,
+                                         const std::optional<at::Tensor>& gate,
+                                         const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 4, "x must be 4-d [B,Cin,H,W], got shape ", x.sizes());
   TORCH_CHECK(w_primary.dim() == 2, "w_primary must be 2-d [C1,Cin], got shape ",
               w_primary.sizes());
@@ -40,7 +53,23 @@ at::MemoryFormat check_ghost_conv_inputs(const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(c1 <= out_channels && out_channels <= 2 * c1,
               "out_channels must lie in [C1, 2*C1] = [", c1, ", ", 2 * c1, "], got ",
               out_channels);
-  return activation_memory_format(x);
+  const at::MemoryFormat fmt = activation_memory_format(x);
+  const int64_t B = x.size(0), H = x.size(2), W = x.size(3);
+  if (input_scale) check_vector_param("input_scale", *input_scale, x, {B, x.size(1)});
+  if (gate) {
+    TORCH_CHECK(gate->dim() == 4 && gate->size(0) == B && gate->size(1) == out_channels &&
+                    gate->size(2) >= 1 && gate->size(3) >= 1,
+                "gate must have shape [B, out_channels, Hg >= 1, Wg >= 1] = [", B, ", ",
+                out_channels, ", Hg, Wg], got ", gate->sizes());
+    check_activation_param("gate", *gate, x, fmt);
+  }
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef({B, out_channels, H, W}),
+                "residual must have shape [B, out_channels, H, W] = [", B, ", ", out_channels,
+                ", ", H, ", ", W, "], got ", residual->sizes());
+    check_activation_param("residual", *residual, x, fmt);
+  }
+  return fmt;
 }
 
 at::MemoryFormat check_depthwise_conv_inputs(const at::Tensor& x, const at::Tensor& weight,
@@ -61,7 +90,8 @@ at::MemoryFormat check_depthwise_conv_inputs(const at::Tensor& x, const at::Tens
 TORCH_LIBRARY_FRAGMENT(ghostkernels_C, m) {
   m.def(
       "ghost_conv_forward(Tensor x, Tensor w_primary, Tensor b_primary, Tensor w_cheap, "
-      "Tensor b_cheap, bool relu_primary, bool relu_cheap, int out_channels) -> Tensor");
+      "Tensor b_cheap, bool relu_primary, bool relu_cheap, int out_channels, "
+      "Tensor? input_scale=None, Tensor? gate=None, Tensor? residual=None) -> Tensor");
   m.def(
       "depthwise_conv_forward(Tensor x, Tensor weight, Tensor bias, int kh, int kw, int stride, "
       "bool relu) -> Tensor");

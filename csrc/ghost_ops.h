@@ -8,6 +8,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace ghostkernels {
 
 // x's memory format: Contiguous (NCHW) when x.is_contiguous(), else ChannelsLast (x must then be
@@ -15,10 +17,15 @@ namespace ghostkernels {
 at::MemoryFormat activation_memory_format(const at::Tensor& x);
 
 // Checks x [B,Cin,H,W], w_primary [C1,Cin], b_primary [C1], w_cheap [C1,9], b_cheap [C1],
-// C1 <= out_channels <= 2*C1; returns x's memory format.
+// C1 <= out_channels <= 2*C1, and the optional input_scale [B,Cin] (contiguous), gate
+// [B,out_channels,Hg,Wg] and residual [B,out_channels,H,W] (both dense in x's memory format);
+// returns x's memory format.
 at::MemoryFormat check_ghost_conv_inputs(const at::Tensor& x, const at::Tensor& w_primary,
                                          const at::Tensor& b_primary, const at::Tensor& w_cheap,
-                                         const at::Tensor& b_cheap, int64_t out_channels);
+                                         const at::Tensor& b_cheap, int64_t out_channels,
+                                         const std::optional<at::Tensor>& input_scale,
+                                         const std::optional<at::Tensor>& gate,
+                                         const std::optional<at::Tensor>& residual);
 
 // Checks x [B,C,H,W], weight [C,kh*kw], bias [C], kh/kw in {1,3,5}, stride in {1,2};
 // returns x's memory format.

@@ -292,7 +292,10 @@ def cmd_demo(args) -> int:
     metrics = result["metrics"] or trainer.evaluate()
     eval_model = trainer.eval_model().eval()
     images = torch.stack([val_set[i][0] for i in range(min(4, len(val_set)))])
-    fold_rel = fold_check(eval_model, images.to(trainer.device))
+    try:  # a failing fold must not hide the trained model's AP: report it, exit 1 at the end
+        fold_rel, fold_error = fold_check(eval_model, images.to(trainer.device)), None
+    except Exception as exc:  # noqa: BLE001 - reported below, and the exit status says so
+        fold_rel, fold_error = float("nan"), f"{type(exc).__name__}: {exc}"
     files = [val_set.image_path(i) for i in range(min(4, len(val_set)))]
     preds = predict_images(eval_model, postprocessor, files, cfg.data.image_size, trainer.device,
                            train_set.class_names, 0.5, os.path.join(out, "predictions"))
@@ -312,6 +315,9 @@ def cmd_demo(args) -> int:
     print(_table(summary))
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
+    if fold_error is not None:
+        print(f"rtdetr demo: the fold check failed: {fold_error}", file=sys.stderr)
+        return 1
     if fold_rel > 1e-4:
         print(f"rtdetr demo: folded and unfolded outputs differ (rel {fold_rel:.2e} > 1e-4)",
               file=sys.stderr)

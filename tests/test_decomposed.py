@@ -36,3 +36,18 @@ def test_depthwise_conv_decomposes_to_convolution():
     assert any("convolution" in op for op in ops), ops
     assert not any("ghostkernels" in op for op in ops), ops
     assert rel_err(graph(x, w, b), fn(x, w, b)) < 1e-6
+
+
+def test_ghost_conv_with_epilogues_decomposes_to_convolution():
+    x, w1, b1 = torch.randn(2, 5, 8, 6), torch.randn(4, 5, 1, 1), torch.randn(4)
+    w2, b2 = torch.randn(4, 1, 3, 3), torch.randn(4)
+    scale, gate, res = torch.rand(2, 5), torch.rand(2, 7, 4, 3), torch.randn(2, 7, 8, 6)
+
+    def fn(x, scale, gate, res):
+        return ghostkernels.ghost_conv(x, w1, b1, w2, b2, "relu", "none", out_channels=7,
+                                       input_scale=scale, gate=gate, residual=res)
+
+    ops, graph = _traced_ops(fn, x, scale, gate, res)
+    assert any("convolution" in op for op in ops), ops
+    assert not any("ghostkernels" in op for op in ops), ops
+    assert rel_err(graph(x, scale, gate, res), fn(x, scale, gate, res)) < 1e-6

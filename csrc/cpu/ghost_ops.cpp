@@ -1,10 +1,14 @@
 // C++ CPU kernels of the folded Ghost op and the folded depthwise conv.
 //
-// ghost_conv: y[:, :C1] = x1 = act_p(W1 x + b1); y[:, C1:] = act_c(dw3x3(x1, pad 1) + b2)[:, :C2]
-// with C2 = out_channels - C1. One pass per (image, strip of rows): the 1x1 conv fills a
-// thread-local buffer holding x1 for the strip plus one halo row above and below (zero outside
-// the image, and zero-padded columns left and right), the strip's rows go straight to y, then the
-// 3x3 depthwise conv reads the buffer. x1 never exists as a tensor and there is no concatenation.
+// ghost_conv: y[:, :C1] = x1 = act_p(W1 (s x) + b1), y[:, C1:] = act_c(dw3x3(x1, pad 1) + b2)
+// [:, :C2] with C2 = out_channels - C1, then the epilogues y = y * gate[.., h*Hg/H, w*Wg/W] +
+// residual.
+// One pass per (image, strip of rows): the 1x1 conv fills a thread-local buffer holding x1 for
+// the strip plus one halo row above and below (zero outside the image, and zero-padded columns
+// left and right), the strip's rows go straight to y, then the 3x3 depthwise conv reads the
+// buffer. x1 never exists as a tensor and there is no concatenation. The optional input scale s
+// [B][Cin] is folded into the GEMM's weights per image (W1 diag(s_b): the same products in a
+// different order), and the gate/residual are applied as each value is stored.
 //
 // depthwise_conv: y = act(dwconv_{kh x kw}(x, stride, padding (kh/2, kw/2)) + bias).
 //
@@ -75,11 +79,31 @@ struct GhostShape {
   int64_t B, Cin, H, W, C1, C2, Cout;
 };
 
+// The optional fused extras of ghost_conv (undefined tensors when absent).
+struct GhostExtras {
+  at::Tensor input_scale;  // [B, Cin]
+  at::Tensor gate;         // [B, Cout, Hg, Wg], in y's layout
+  at::Tensor residual;     // [B, Cout, H, W], in y's layout
+};
+
+// out[i] = v[i] * gate[gather[i]] + residual[i] for i in [0, n), rounded once; gate and residual
+// may be null (skipped); a null gather means gate[i].
+template <typename scalar_t, typename acc_t>
+inline void store_values(scalar_t* out, const acc_t* v, int64_t n, const scalar_t* gate,
+                         const int64_t* gather, const scalar_t* residual) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t r = v[i];
+    if (gate) r *= static_cast<acc_t>(gate[gather ? gather[i] : i]);
+    if (residual) r += static_cast<acc_t>(residual[i]);
+    out[i] = static_cast<scalar_t>(r);
+  }
+}
+
 template <typename scalar_t, bool kChannelsLast>
 void ghost_conv_kernel(const at::Tensor& x, const at::Tensor& w_primary,
                        const at::Tensor& b_primary, const at::Tensor& w_cheap,
                        const at::Tensor& b_cheap, bool relu_primary, bool relu_cheap,
-                       const GhostShape& s, at::Tensor& y) {
+                       const GhostShape& s, const GhostExtras& extras, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvertInput = !std::is_same_v<acc_t, scalar_t>;  // float16/bfloat16
   const int64_t B = s.B, Cin = s.Cin, H = s.H, W = s.W, C1 = s.C1, C2 = s.C2, Cout = s.Cout;
@@ -92,6 +116,27 @@ void ghost_conv_kernel(const at::Tensor& x, const at::Tensor& w_primary,
   const std::vector<acc_t> b2 = to_acc<acc_t, scalar_t>(b_cheap);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
+  const at::Tensor scale = extras.input_scale.defined()
+                               ? extras.input_scale.to(acc_options.dtype()).contiguous()
+                               : at::Tensor();
+  const scalar_t* gate = extras.gate.defined() ? extras.gate.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* residual =
+      extras.residual.defined() ? extras.residual.data_ptr<scalar_t>() : nullptr;
+  const int64_t Hg = gate ? extras.gate.size(2) : 1, Wg = gate ? extras.gate.size(3) : 1;
+  std::vector<int64_t> gate_col(static_cast<size_t>(W));  // nearest gate column of each w
+  for (int64_t w = 0; w < W; ++w) gate_col[w] = w * Wg / W;
+  // Where the gate and residual values of y's element at yr (a pointer into y) start: the gate
+  // row (NCHW; indexed with gate_col) or pixel (channels_last) and the residual's same element.
+  auto gate_at = [&](int64_t b, int64_t c, int64_t row, int64_t w) -> const scalar_t* {
+    if (!gate) return nullptr;
+    const int64_t gh = row * Hg / H;
+    return kChannelsLast ? gate + ((b * Hg + gh) * Wg + gate_col[w]) * Cout + c
+                         : gate + ((b * Cout + c) * Hg + gh) * Wg;
+  };
+  auto residual_at = [&](const scalar_t* yr) -> const scalar_t* {
+    return residual ? residual + (yr - yp) : nullptr;
+  };
+  const int64_t* nchw_gather = kChannelsLast ? nullptr : gate_col.data();
 
   const int64_t R = strip_rows(B, H, W, C1, sizeof(acc_t));
   const int64_t n_strips = (H + R - 1) / R;
@@ -112,7 +157,9 @@ void ghost_conv_kernel(const at::Tensor& x, const at::Tensor& w_primary,
       const int64_t v1 = std::min(H, C2 > 0 ? r1 + 1 : r1);
       const int64_t n = (v1 - v0) * W;                   // pixels of those rows
 
-      // 1x1 conv + bias as one GEMM over the strip's pixels, straight into the buffer.
+      // 1x1 conv + bias as one GEMM over the strip's pixels, straight into the buffer; the
+      // input scale of image b, if any, scales the weights' columns.
+      const at::Tensor w1b = scale.defined() ? w1 * scale[b].view({1, Cin}) : w1;
       const scalar_t* x_strip = kChannelsLast ? xp + (b * H + v0) * W * Cin
                                               : xp + b * Cin * H * W + v0 * W;
       const acc_t* x_src = reinterpret_cast<const acc_t*>(x_strip);
@@ -130,13 +177,13 @@ void ghost_conv_kernel(const at::Tensor& x, const at::Tensor& w_primary,
       if constexpr (kChannelsLast) {
         const at::Tensor xs = at::from_blob(const_cast<acc_t*>(x_src), {n, Cin}, acc_options);
         at::Tensor out = at::from_blob(buf.data() + (v0 - first) * W * C1, {n, C1}, acc_options);
-        at::addmm_out(out, b1, xs, w1.t());
+        at::addmm_out(out, b1, xs, w1b.t());
       } else {
         const at::Tensor xs = at::from_blob(const_cast<acc_t*>(x_src), {Cin, n},
                                             {x_channel_stride, 1}, acc_options);
         at::Tensor out = at::from_blob(buf.data() + (v0 - first) * W, {C1, n},
                                        {buf_rows * W, 1}, acc_options);
-        at::addmm_out(out, b1.view({C1, 1}), w1, xs);
+        at::addmm_out(out, b1.view({C1, 1}), w1b, xs);
       }
 
       // act; zero rows outside the image (the depthwise padding); interior rows -> y[:, :C1].
@@ -151,7 +198,7 @@ void ghost_conv_kernel(const at::Tensor& x, const at::Tensor& w_primary,
           if (!interior) continue;
           for (int64_t w = 0; w < W; ++w) {
             scalar_t* yr = yp + ((b * H + row) * W + w) * Cout;
-            for (int64_t c = 0; c < C1; ++c) yr[c] = static_cast<scalar_t>(r[w * C1 + c]);
+            store_values(yr, r + w * C1, C1, gate_at(b, 0, row, w), nullptr, residual_at(yr));
           }
         } else {
           for (int64_t c = 0; c < C1; ++c) {
@@ -160,7 +207,7 @@ void ghost_conv_kernel(const at::Tensor& x, const at::Tensor& w_primary,
               r[w] = inside ? activate(r[w], relu_primary) : acc_t(0);
             if (!interior) continue;
             scalar_t* yr = yp + ((b * Cout + c) * H + row) * W;
-            for (int64_t w = 0; w < W; ++w) yr[w] = static_cast<scalar_t>(r[w]);
+            store_values(yr, r, W, gate_at(b, c, row, 0), nchw_gather, residual_at(yr));
           }
         }
       }
@@ -179,9 +226,9 @@ void ghost_conv_kernel(const at::Tensor& x, const at::Tensor& w_primary,
               const acc_t* wt = &wct[t * C1];
               for (int64_t c = 0; c < C2; ++c) sums[c] += wt[c] * in[c];
             }
+            for (int64_t c = 0; c < C2; ++c) sums[c] = activate(sums[c], relu_cheap);
             scalar_t* yr = yp + ((b * H + row) * W + w) * Cout + C1;
-            for (int64_t c = 0; c < C2; ++c)
-              yr[c] = static_cast<scalar_t>(activate(sums[c], relu_cheap));
+            store_values(yr, sums, C2, gate_at(b, C1, row, w), nullptr, residual_at(yr));
           }
         } else {
           for (int64_t c = 0; c < C2; ++c) {
@@ -191,9 +238,9 @@ void ghost_conv_kernel(const at::Tensor& x, const at::Tensor& w_primary,
               const acc_t* in = buf.data() + (c * buf_rows + i - 1 + t / 3) * W;
               accumulate_tap(acc, in, wc[c * 9 + t], W, W, 1, t % 3 - 1);
             }
+            for (int64_t w = 0; w < W; ++w) acc[w] = activate(acc[w], relu_cheap);
             scalar_t* yr = yp + ((b * Cout + C1 + c) * H + row) * W;
-            for (int64_t w = 0; w < W; ++w)
-              yr[w] = static_cast<scalar_t>(activate(acc[w], relu_cheap));
+            store_values(yr, acc, W, gate_at(b, C1 + c, row, 0), nchw_gather, residual_at(yr));
           }
         }
       }
@@ -204,22 +251,27 @@ void ghost_conv_kernel(const at::Tensor& x, const at::Tensor& w_primary,
 at::Tensor ghost_conv_forward_cpu(const at::Tensor& x, const at::Tensor& w_primary,
                                   const at::Tensor& b_primary, const at::Tensor& w_cheap,
                                   const at::Tensor& b_cheap, bool relu_primary, bool relu_cheap,
-                                  int64_t out_channels) {
-  const at::MemoryFormat fmt =
-      check_ghost_conv_inputs(x, w_primary, b_primary, w_cheap, b_cheap, out_channels);
+                                  int64_t out_channels,
+                                  const std::optional<at::Tensor>& input_scale,
+                                  const std::optional<at::Tensor>& gate,
+                                  const std::optional<at::Tensor>& residual) {
+  const at::MemoryFormat fmt = check_ghost_conv_inputs(x, w_primary, b_primary, w_cheap, b_cheap,
+                                                       out_channels, input_scale, gate, residual);
   TORCH_CHECK(x.device().is_cpu(), "ghost_conv_forward (CPU kernel): x must be a CPU tensor");
   const GhostShape s{x.size(0), x.size(1), x.size(2), x.size(3), w_primary.size(0),
                      out_channels - w_primary.size(0), out_channels};
   at::Tensor y = at::empty({s.B, s.Cout, s.H, s.W}, x.options().memory_format(fmt));
   if (y.numel() == 0) return y;
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const GhostExtras extras{input_scale.value_or(at::Tensor()), gate.value_or(at::Tensor()),
+                           residual.value_or(at::Tensor())};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_conv_cpu", [&] {
     if (channels_last)
       ghost_conv_kernel<scalar_t, true>(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary,
-                                        relu_cheap, s, y);
+                                        relu_cheap, s, extras, y);
     else
       ghost_conv_kernel<scalar_t, false>(x, w_primary, b_primary, w_cheap, b_cheap,
-                                         relu_primary, relu_cheap, s, y);
+                                         relu_primary, relu_cheap, s, extras, y);
   });
   return y;
 }

@@ -1,7 +1,9 @@
 // CUDA kernel of the folded Ghost op (torch-free; launched from ghost_ops.cpp).
 //
-//   y[:, :C1]      = x1 = act_p(W1 x + b1)                       (1x1 conv, C1 primary channels)
+//   y[:, :C1]      = x1 = act_p(W1 (s x) + b1)                   (1x1 conv, C1 primary channels)
 //   y[:, C1:C1+C2] = act_c(dw3x3(x1, pad 1) + b2)[:, :C2]        (C2 = out_channels - C1)
+//   then, optionally, y = y * gate[b, c, h*Hg/H, w*Wg/W] + residual[b, c, h, w]
+// with s the optional per-(image, input channel) scale, applied as x is loaded.
 //
 // One block owns a 14x14 output tile x 32 primary channels of one image (grid: tiles x channel
 // blocks x batch) and 256 threads:
@@ -12,8 +14,9 @@
 //   2. bias + act; x1 of the whole halo tile goes to shared memory (zero outside the image: that
 //      is the depthwise conv's zero padding), reusing the x-chunk buffer.
 //   3. for each interior (pixel, channel): write x1 to y[:, c] and the 3x3 depthwise + bias +
-//      act to y[:, C1 + c]. The loop order follows the layout so that writes are coalesced
-//      (NCHW: pixel-fastest; channels_last: channel-fastest).
+//      act to y[:, C1 + c], each times its gate value plus its residual value when those are
+//      given. The loop order follows the layout so that writes (and residual reads, which use
+//      the same index) are coalesced (NCHW: pixel-fastest; channels_last: channel-fastest).
 // Shared memory is fixed (~37 KB) whatever C1 and Cin are; large C1 uses more channel blocks.
 // The halo costs (16*16)/(14*14) = 1.31x the 1x1 FLOPs; x is re-read once per channel block
 // (mostly from L2).
@@ -48,9 +51,13 @@ __global__ void __launch_bounds__(kThreads)
   const T* b1 = static_cast<const T*>(a.b_primary);
   const T* wc = static_cast<const T*>(a.w_cheap);
   const T* b2 = static_cast<const T*>(a.b_cheap);
+  const T* scale = static_cast<const T*>(a.input_scale);  // nullptr: no input scale
+  const T* gate = static_cast<const T*>(a.gate);          // nullptr: no gate
+  const T* residual = static_cast<const T*>(a.residual);  // nullptr: no residual
   T* y = static_cast<T*>(a.y);
   const int64_t Cin = a.in_channels, H = a.height, W = a.width;
   const int64_t C1 = a.primary_channels, Cout = a.out_channels, C2 = Cout - C1;
+  const int64_t Hg = a.gate_height, Wg = a.gate_width;
   const int64_t b = blockIdx.z;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kCB;
   const int64_t h0 = (blockIdx.x / tiles_w) * kGhostTileH;
@@ -62,6 +69,16 @@ __global__ void __launch_bounds__(kThreads)
   };
   auto y_index = [&](int64_t c, int64_t h, int64_t w) {
     return kChannelsLast ? ((b * H + h) * W + w) * Cout + c : ((b * Cout + c) * H + h) * W + w;
+  };
+  // The epilogue of output element (c, h, w): times the nearest gate value, plus the residual.
+  auto finish = [&](float v, int64_t c, int64_t h, int64_t w) {
+    if (gate) {
+      const int64_t gh = h * Hg / H, gw = w * Wg / W;
+      v *= to_float(gate[kChannelsLast ? ((b * Hg + gh) * Wg + gw) * Cout + c
+                                       : ((b * Cout + c) * Hg + gh) * Wg + gw]);
+    }
+    if (residual) v += to_float(residual[y_index(c, h, w)]);
+    return v;
   };
 
   // 1. 1x1 conv: thread tid owns halo pixel tid, all kCB channels of this block.
@@ -77,7 +94,10 @@ __global__ void __launch_bounds__(kThreads)
       const int p = kChannelsLast ? idx / kKC : idx % kHalo;
       const int64_t h = h0 - 1 + p / kHaloW, w = w0 - 1 + p % kHaloW;
       float v = 0.f;
-      if (k < kn && h >= 0 && h < H && w >= 0 && w < W) v = to_float(x[x_index(k0 + k, h, w)]);
+      if (k < kn && h >= 0 && h < H && w >= 0 && w < W) {
+        v = to_float(x[x_index(k0 + k, h, w)]);
+        if (scale) v *= to_float(scale[b * Cin + k0 + k]);
+      }
       tile[k * kRowStride + p] = v;
     }
     for (int idx = tid; idx < kKC * kCB; idx += kThreads) {
@@ -122,7 +142,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t h = h0 + ty, w = w0 + tx, co = c0 + c;
     if (h >= H || w >= W || co >= C1) continue;
     const float* center = &tile[c * kRowStride + (ty + 1) * kHaloW + (tx + 1)];
-    y[y_index(co, h, w)] = from_float<T>(center[0]);
+    y[y_index(co, h, w)] = from_float<T>(finish(center[0], co, h, w));
     if (co < C2) {
       const T* k9 = wc + co * 9;
       float s = to_float(b2[co]);
@@ -131,7 +151,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int dx = -1; dx <= 1; ++dx)
           s += to_float(k9[(dy + 1) * 3 + (dx + 1)]) * center[dy * kHaloW + dx];
-      y[y_index(C1 + co, h, w)] = from_float<T>(activate(s, a.relu_cheap));
+      const float x2 = activate(s, a.relu_cheap);
+      y[y_index(C1 + co, h, w)] = from_float<T>(finish(x2, C1 + co, h, w));
     }
   }
 }

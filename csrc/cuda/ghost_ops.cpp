@@ -31,9 +31,12 @@ void check_launch(cudaError_t err, const char* op) {
 at::Tensor ghost_conv_forward_cuda(const at::Tensor& x, const at::Tensor& w_primary,
                                    const at::Tensor& b_primary, const at::Tensor& w_cheap,
                                    const at::Tensor& b_cheap, bool relu_primary, bool relu_cheap,
-                                   int64_t out_channels) {
-  const at::MemoryFormat fmt =
-      check_ghost_conv_inputs(x, w_primary, b_primary, w_cheap, b_cheap, out_channels);
+                                   int64_t out_channels,
+                                   const std::optional<at::Tensor>& input_scale,
+                                   const std::optional<at::Tensor>& gate,
+                                   const std::optional<at::Tensor>& residual) {
+  const at::MemoryFormat fmt = check_ghost_conv_inputs(x, w_primary, b_primary, w_cheap, b_cheap,
+                                                       out_channels, input_scale, gate, residual);
   TORCH_CHECK(x.is_cuda(), "ghost_conv_forward (CUDA kernel): x must be a CUDA tensor");
   const cuda::DType dtype = kernel_dtype(x, "ghost_conv_forward");
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
@@ -59,6 +62,11 @@ at::Tensor ghost_conv_forward_cuda(const at::Tensor& x, const at::Tensor& w_prim
   args.b_primary = b_primary.data_ptr();
   args.w_cheap = w_cheap.data_ptr();
   args.b_cheap = b_cheap.data_ptr();
+  args.input_scale = input_scale ? input_scale->data_ptr() : nullptr;
+  args.gate = gate ? gate->data_ptr() : nullptr;
+  args.residual = residual ? residual->data_ptr() : nullptr;
+  args.gate_height = gate ? gate->size(2) : 1;
+  args.gate_width = gate ? gate->size(3) : 1;
   args.y = y.data_ptr();
   args.batch = B;
   args.in_channels = Cin;

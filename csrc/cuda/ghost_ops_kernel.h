@@ -18,8 +18,13 @@ struct GhostConvArgs {
   const void* b_primary;  // [C1]
   const void* w_cheap;    // [C1,9], 3x3 row-major
   const void* b_cheap;    // [C1]
-  void* y;                // [B,Cout,H,W] in x's layout
+  // Optional fused extras (nullptr when absent): y = (...) * gate[.., h*Hg/H, w*Wg/W] + residual.
+  const void* input_scale;  // [B,Cin]: x is read as x * input_scale[b, c]
+  const void* gate;         // [B,Cout,Hg,Wg] in x's layout
+  const void* residual;     // [B,Cout,H,W] in x's layout
+  void* y;                  // [B,Cout,H,W] in x's layout
   int64_t batch, in_channels, height, width, primary_channels, out_channels;
+  int64_t gate_height, gate_width;  // Hg, Wg (any >= 1 when gate is set)
   bool relu_primary, relu_cheap, channels_last;
 };
 

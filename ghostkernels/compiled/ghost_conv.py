@@ -2,7 +2,9 @@
 
 Kernel contract: see ``ghostkernels/ops/ghost_conv.py`` (x [B,Cin,H,W] dense in NCHW or
 channels_last; w_primary [C1,Cin], b_primary [C1], w_cheap [C1,9] (3x3 row-major), b_cheap [C1],
-all contiguous, of x's dtype and device) -> y [B,out_channels,H,W] in x's memory format.
+all contiguous; optional input_scale [B,Cin], gate [B,out_channels,Hg,Wg] and residual
+[B,out_channels,H,W], the last two dense in x's memory format; all of x's dtype and device)
+-> y [B,out_channels,H,W] in x's memory format.
 """
 import torch
 
@@ -15,6 +17,7 @@ def _ops():
 
 
 def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_cheap: bool,
-            out_channels: int):
+            out_channels: int, input_scale=None, gate=None, residual=None):
     return _ops().ghost_conv_forward(x, w_primary, b_primary, w_cheap, b_cheap,
-                                     bool(relu_primary), bool(relu_cheap), int(out_channels))
+                                     bool(relu_primary), bool(relu_cheap), int(out_channels),
+                                     input_scale, gate, residual)

@@ -1,23 +1,34 @@
 """The folded Ghost module (GhostNetV3 after re-parameterisation) as one PyTorch custom op.
 
-``y = cat(x1, x2)[:, :out_channels]`` with ``x1 = act_p(conv1x1(x) + b1)`` and
-``x2 = act_c(dwconv3x3(x1, padding 1) + b2)``; the fused backends never write x1 separately and
-never concatenate. ``ghostkernels::ghost_conv`` has a fake kernel (torch.compile / export trace
-through it) and an autograd formula built from the saved output (``reference.ghost_conv.backward``:
-x1 is ``y[:, :C1]``, the ReLU masks are ``y > 0``), so no backend needs a backward kernel.
+``y = cat(x1, x2)[:, :out_channels]`` with ``x1 = act_p(conv1x1(x * s) + b1)`` and
+``x2 = act_c(dwconv3x3(x1, padding 1) + b2)``, then ``y = y * nearest_upsample(gate) + residual``.
+The three extras are optional and fuse what surrounds a Ghost module in a GhostNetV3 bottleneck:
+``s = input_scale`` [B, Cin] (the SE excitation of the previous layer, applied as x is read),
+``gate`` [B, out_channels, Hg, Wg] (the DFC attention at reduced resolution, already sigmoided;
+``gate[..., (h * Hg) // H, (w * Wg) // W]`` multiplies y, as ``F.interpolate(mode="nearest")``)
+and ``residual`` [B, out_channels, H, W] (the bottleneck shortcut, added last). The fused backends
+never write x1 separately, never concatenate and never materialise x * s or the upsampled gate.
+
+``ghostkernels::ghost_conv`` has a fake kernel (torch.compile / export trace through it) and an
+autograd formula (``reference.backward`` and friends), so no backend needs a backward kernel.
+Without gate and residual the gradients come from the saved output (x1 is ``y[:, :C1]``, the ReLU
+masks are ``y > 0``); with either, the core output is recomputed in the backward (one extra
+forward without epilogues) instead of being stored by the forward.
 
 Kernel contract, the same for every backend module's
 ``forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_cheap: bool,
-out_channels: int) -> y``:
+out_channels: int, input_scale, gate, residual) -> y``:
   x [B, Cin, H, W], contiguous in NCHW or in channels_last (``x.is_contiguous()`` or
   ``x.is_contiguous(memory_format=torch.channels_last)``); w_primary [C1, Cin] contiguous;
-  b_primary [C1]; w_cheap [C1, 9] contiguous (the 3x3 taps row-major); b_cheap [C1]; all of x's
+  b_primary [C1]; w_cheap [C1, 9] contiguous (the 3x3 taps row-major); b_cheap [C1];
+  input_scale None or [B, Cin] contiguous; gate None or [B, out_channels, Hg, Wg] (Hg, Wg >= 1)
+  and residual None or [B, out_channels, H, W], both contiguous in y's memory format; all of x's
   dtype and device, B*H*W > 0, C1 <= out_channels <= 2*C1. Returns y [B, out_channels, H, W] of
-  x's dtype in x's memory format (channels_last iff x is channels_last and not also NCHW-contiguous),
-  every element written; fp32 accumulation for float16/bfloat16.
-The op layer builds zero biases for None, flattens the weights, makes x contiguous in its own
-suggested memory format and detaches every tensor (backends never see requires_grad=True, so
-kernels may use out= ATen ops) before calling a backend.
+  x's dtype in x's memory format (channels_last iff x is channels_last and not also
+  NCHW-contiguous), every element written; fp32 accumulation for float16/bfloat16, one rounding.
+The op layer builds zero biases for None, flattens the weights, makes x, gate and residual
+contiguous in the output's memory format and detaches every tensor (backends never see
+requires_grad=True, so kernels may use out= ATen ops) before calling a backend.
 """
 from __future__ import annotations
 
@@ -55,7 +66,9 @@ def in_memory_format(y: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
 @torch.library.custom_op("ghostkernels::ghost_conv", mutates_args=())
 def _ghost_conv(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tensor,
                 w_cheap: torch.Tensor, b_cheap: torch.Tensor, relu_primary: bool,
-                relu_cheap: bool, out_channels: int) -> torch.Tensor:
+                relu_cheap: bool, out_channels: int, input_scale: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
     B, _, H, W = x.shape
     if B * H * W == 0:
         return _empty_output(x, out_channels)
@@ -64,27 +77,57 @@ def _ghost_conv(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tenso
     impl = backends.resolve(OP, x.device, x.dtype)
     w_primary, b_primary, w_cheap, b_cheap = (t.detach().contiguous() for t in (
         w_primary, b_primary, w_cheap, b_cheap))
+    if input_scale is not None:
+        input_scale = input_scale.detach().contiguous()
+    gate, residual = (None if t is None else t.detach().contiguous(memory_format=fmt)
+                      for t in (gate, residual))
     y = impl.forward(x, w_primary, b_primary, w_cheap, b_cheap, bool(relu_primary),
-                     bool(relu_cheap), int(out_channels))
+                     bool(relu_cheap), int(out_channels), input_scale, gate, residual)
     return in_memory_format(y.to(x.dtype), fmt)
 
 
 @_ghost_conv.register_fake
-def _(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary, relu_cheap, out_channels):
+def _(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary, relu_cheap, out_channels,
+      input_scale=None, gate=None, residual=None):
     return _empty_output(x, out_channels)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_primary, _, w_cheap, _, relu_primary, relu_cheap, _ = inputs
-    ctx.save_for_backward(x, w_primary, w_cheap, output)
+    (x, w_primary, b_primary, w_cheap, b_cheap, relu_primary, relu_cheap, out_channels,
+     input_scale, gate, residual) = inputs
     ctx.relu = (relu_primary, relu_cheap)
+    ctx.out_channels = out_channels
+    # With an epilogue, y is not the core output: the backward recomputes that (from the biases
+    # too) rather than the forward storing it.
+    recompute = gate is not None or residual is not None
+    ctx.save_for_backward(x, w_primary, w_cheap, input_scale, gate,
+                          *((b_primary, b_cheap) if recompute else (output,)))
 
 
 def _backward(ctx, grad_y):
-    x, w_primary, w_cheap, y = ctx.saved_tensors
-    grads = reference.backward(grad_y, y, x, w_primary, w_cheap, *ctx.relu,
-                               needs=ctx.needs_input_grad[:5])
-    return (*grads, None, None, None)
+    x, w_primary, w_cheap, input_scale, gate, *rest = ctx.saved_tensors
+    # The dispatcher drops trailing arguments equal to their defaults (None): pad to all 11.
+    needs = tuple(ctx.needs_input_grad) + (False,) * (11 - len(ctx.needs_input_grad))
+    if len(rest) == 1:
+        y0 = rest[0]
+    else:  # the core output: the same op without gate and residual
+        y0 = _ghost_conv(x, w_primary, rest[0], w_cheap, rest[1], *ctx.relu, ctx.out_channels,
+                         input_scale)
+    grad_y0, grad_gate, grad_residual = reference.epilogue_backward(
+        grad_y, y0, gate, needs[9], needs[10])
+    needs_scaled_x = needs[0] or needs[8]
+    if input_scale is None:
+        scaled_x = x
+    else:
+        scaled_x = reference.scale_input(x.to(reference.compute_dtype(x.dtype)), input_scale)
+    grad_scaled_x, *grad_params = reference.backward(
+        grad_y0, y0, scaled_x, w_primary, w_cheap, *ctx.relu,
+        needs=(needs_scaled_x, *needs[1:5]))
+    grad_x, grad_scale = reference.scale_backward(grad_scaled_x, x, input_scale, needs[0],
+                                                  needs[8])
+    if grad_x is not None:
+        grad_x = grad_x.to(x.dtype)
+    return (grad_x, *grad_params, None, None, None, grad_scale, grad_gate, grad_residual)
 
 
 _ghost_conv.register_autograd(_backward, setup_context=_setup_context)
@@ -118,10 +161,42 @@ def check_bias(name: str, bias, channels: int, x: torch.Tensor, like: str) -> to
     return bias
 
 
+def check_same_dtype_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    require_same_dtype(name, t, "x", x)
+    require_same_device(name, t, "x", x)
+
+
+def check_epilogues(x: torch.Tensor, out_channels: int, input_scale, gate, residual) -> None:
+    """Shape, dtype and device of the optional input_scale, gate and residual."""
+    B, Cin, H, W = x.shape
+    if input_scale is not None:
+        require_tensor("input_scale", input_scale)
+        if tuple(input_scale.shape) != (B, Cin):
+            raise ValueError(f"input_scale must have shape [B, Cin] = [{B}, {Cin}] (one factor "
+                             f"per image and input channel of x), got {tuple(input_scale.shape)}")
+        check_same_dtype_device("input_scale", input_scale, x)
+    if gate is not None:
+        require_tensor("gate", gate)
+        if (gate.dim() != 4 or tuple(gate.shape[:2]) != (B, out_channels)
+                or min(gate.shape[2:]) < 1):
+            raise ValueError(f"gate must have shape [B, out_channels, Hg, Wg] = [{B}, "
+                             f"{out_channels}, Hg >= 1, Wg >= 1], got {tuple(gate.shape)}")
+        check_same_dtype_device("gate", gate, x)
+    if residual is not None:
+        require_tensor("residual", residual)
+        if tuple(residual.shape) != (B, out_channels, H, W):
+            raise ValueError(f"residual must have the output's shape [B, out_channels, H, W] = "
+                             f"[{B}, {out_channels}, {H}, {W}], got {tuple(residual.shape)}")
+        check_same_dtype_device("residual", residual, x)
+
+
 def ghost_conv(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tensor | None,
                w_cheap: torch.Tensor, b_cheap: torch.Tensor | None, act_primary: str | None = "relu",
-               act_cheap: str | None = "relu", out_channels: int | None = None) -> torch.Tensor:
-    """The folded Ghost module: ``cat(x1, x2)[:, :out_channels]`` in one pass.
+               act_cheap: str | None = "relu", out_channels: int | None = None, *,
+               input_scale: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The folded Ghost module: ``cat(x1, x2)[:, :out_channels]`` in one pass, with optional
+    fused input scaling, gating and residual add.
 
     Args:
         x: ``[B, Cin, H, W]``, float64/float32/float16/bfloat16, NCHW or channels_last.
@@ -132,6 +207,12 @@ def ghost_conv(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tensor
         act_primary, act_cheap: ``"relu"`` or ``"none"`` (None means ``"none"``).
         out_channels: ``C1 <= out_channels <= 2*C1`` (default ``2*C1``); like timm's GhostModule
             the result is ``cat(x1, x2)[:, :out_channels]``.
+        input_scale: ``[B, Cin]`` or None: x is read as ``x * input_scale[:, :, None, None]``
+            (a squeeze-excitation of the previous layer).
+        gate: ``[B, out_channels, Hg, Wg]`` or None: the output (both halves, after the
+            activations and the slice) is multiplied by the gate upsampled to ``H x W`` by nearest
+            neighbour, ``gate[:, :, (h * Hg) // H, (w * Wg) // W]`` (GhostNetV3's DFC attention).
+        residual: ``[B, out_channels, H, W]`` or None: added to the output last (after the gate).
 
     Returns:
         ``[B, out_channels, H, W]`` of x's dtype, in x's memory format.
@@ -175,5 +256,10 @@ def ghost_conv(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tensor
     if not C1 <= out_channels <= 2 * C1:
         raise ValueError(f"out_channels must be in [C1, 2*C1] = [{C1}, {2 * C1}] (C1 from "
                          f"w_primary), got {out_channels}")
+    check_epilogues(x, out_channels, input_scale, gate, residual)
+    if backends.decomposing():  # plain conv2d/cat for exporters (see ghostkernels.decomposed)
+        return reference.forward(x, w_primary.reshape(C1, Cin), b_primary, w_cheap.reshape(C1, 9),
+                                 b_cheap, relu_primary, relu_cheap, out_channels, input_scale,
+                                 gate, residual)
     return _ghost_conv(x, w_primary, b_primary, w_cheap.reshape(C1, 9), b_cheap, relu_primary,
-                       relu_cheap, out_channels)
+                       relu_cheap, out_channels, input_scale, gate, residual)

@@ -1,10 +1,15 @@
 """Reference folded Ghost op: ``y = cat(x1, x2)[:, :out_channels]`` with
-``x1 = act(conv1x1(x) + b1)`` and ``x2 = act(dwconv3x3(x1, padding 1) + b2)``.
+``x1 = act(conv1x1(x * s) + b1)`` and ``x2 = act(dwconv3x3(x1, padding 1) + b2)``, then the
+optional epilogues ``y = y * nearest_upsample(gate) + residual``.
 
 This *defines* the op (kernel contract in ``ghostkernels.ops.ghost_conv``). Half-precision inputs
 are computed in float32 and rounded once at the end, as the fused kernels do (x2 is computed from
-the unrounded x1). ``backward`` gives the gradients from the saved output alone: x1 is
-``y[:, :C1]`` (out_channels >= C1 always) and the ReLU masks are ``y > 0``.
+the unrounded x1). ``s`` is the optional per-(image, channel) ``input_scale``; the gate is indexed
+``gate[..., (h * Hg) // H, (w * Wg) // W]`` (:func:`upsample_nearest`).
+
+``backward`` gives the core gradients from the core output ``y0 = cat(x1, x2)[:, :out_channels]``
+alone: x1 is ``y0[:, :C1]`` (out_channels >= C1 always) and the ReLU masks are ``y0 > 0``.
+``epilogue_backward`` peels the gate and residual off, ``scale_backward`` the input scale.
 """
 import torch
 import torch.nn.functional as F
@@ -23,12 +28,48 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.stride(1) < x.stride(3) else torch.contiguous_format
 
 
+def nearest_indices(n_out: int, n_in: int, device) -> torch.Tensor:
+    """Source index ``floor(i * n_in / n_out)`` of each of ``n_out`` outputs, in exact integer
+    arithmetic (as every backend computes it). This is the rule of ``F.interpolate(mode="nearest",
+    size=...)``, which evaluates it in float32: the two agree for every size up to 21 and, for the
+    DFC gate's ``n_in = n_out // 2``, for every ``n_out`` up to 4096 (checked), but float32
+    rounding makes PyTorch differ for some other pairs (e.g. 14 -> 46)."""
+    return torch.arange(n_out, device=device) * n_in // n_out
+
+
+def upsample_nearest(gate: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """gate [B, C, Hg, Wg] -> [B, C, H, W] by nearest neighbour (``nearest_indices``)."""
+    Hg, Wg = gate.shape[-2:]
+    rows = nearest_indices(H, Hg, gate.device)
+    cols = nearest_indices(W, Wg, gate.device)
+    return gate.index_select(2, rows).index_select(3, cols)
+
+
+def sum_to_gate(t: torch.Tensor, Hg: int, Wg: int) -> torch.Tensor:
+    """The adjoint of ``upsample_nearest``: t [B, C, H, W] summed into [B, C, Hg, Wg]."""
+    B, C, H, W = t.shape
+    rows = nearest_indices(H, Hg, t.device)
+    cols = nearest_indices(W, Wg, t.device)
+    by_rows = t.new_zeros(B, C, Hg, W).index_add(2, rows, t)
+    return t.new_zeros(B, C, Hg, Wg).index_add(3, cols, by_rows)
+
+
+def scale_input(x: torch.Tensor, input_scale) -> torch.Tensor:
+    """x * input_scale[:, :, None, None] (x itself for None), in x's dtype."""
+    if input_scale is None:
+        return x
+    return x * input_scale.to(x.dtype)[:, :, None, None]
+
+
 def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_cheap: bool,
-            out_channels: int):
-    """x [B,Cin,H,W]; w_primary [C1,Cin]; b_primary [C1]; w_cheap [C1,9]; b_cheap [C1]."""
+            out_channels: int, input_scale=None, gate=None, residual=None):
+    """x [B,Cin,H,W]; w_primary [C1,Cin]; b_primary [C1]; w_cheap [C1,9]; b_cheap [C1];
+    input_scale [B,Cin] or None; gate [B,out_channels,Hg,Wg] or None; residual
+    [B,out_channels,H,W] or None."""
     C1, Cin = w_primary.shape
+    H, W = x.shape[-2:]
     acc = compute_dtype(x.dtype)
-    xc = x.to(acc)
+    xc = scale_input(x.to(acc), input_scale)
     x1 = F.conv2d(xc, w_primary.to(acc).view(C1, Cin, 1, 1), b_primary.to(acc))
     if relu_primary:
         x1 = torch.relu(x1)
@@ -38,8 +79,12 @@ def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_
         x2 = F.conv2d(x1[:, :C2], w_cheap[:C2].to(acc).view(C2, 1, 3, 3), b_cheap[:C2].to(acc),
                       padding=1, groups=C2)
         parts.append(torch.relu(x2) if relu_cheap else x2)
-    y = torch.cat(parts, dim=1).to(x.dtype)
-    return y.contiguous(memory_format=output_memory_format(x))
+    y = torch.cat(parts, dim=1)
+    if gate is not None:
+        y = y * upsample_nearest(gate.to(acc), H, W)
+    if residual is not None:
+        y = y + residual.to(acc)
+    return y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
 
 
 def _conv_backward(grad_out, inp, weight, padding, stride, groups, mask):
@@ -87,3 +132,30 @@ def backward(grad_y, y, x, w_primary, w_cheap, relu_primary: bool, relu_cheap: b
             g_w.reshape(C1, Cin).to(w_primary.dtype) if needs[1] else None,
             g_b.to(w_primary.dtype) if needs[2] else None,
             g_w_cheap, g_b_cheap)
+
+
+def epilogue_backward(grad_y, y0, gate, needs_gate: bool, needs_residual: bool):
+    """(grad of y0, grad of gate, grad of residual) for ``y = y0 * upsample(gate) + residual``;
+    y0 is the core output (before the epilogues). Computed in float32 for half types."""
+    g_residual = grad_y if needs_residual else None
+    if gate is None:
+        return grad_y, None, g_residual
+    acc = compute_dtype(grad_y.dtype)
+    H, W = grad_y.shape[-2:]
+    g = grad_y.to(acc)
+    g_gate = None
+    if needs_gate:
+        g_gate = sum_to_gate(g * y0.to(acc), *gate.shape[-2:]).to(gate.dtype)
+    return g * upsample_nearest(gate.to(acc), H, W), g_gate, g_residual
+
+
+def scale_backward(grad_scaled_x, x, input_scale, needs_x: bool, needs_scale: bool):
+    """(grad of x, grad of input_scale) from the gradient of ``x * input_scale[:, :, None, None]``
+    (``scale_input``)."""
+    if input_scale is None:
+        return grad_scaled_x, None
+    acc = compute_dtype(x.dtype)
+    g = grad_scaled_x.to(acc)
+    g_x = (g * input_scale.to(acc)[:, :, None, None]).to(x.dtype) if needs_x else None
+    g_s = (g * x.to(acc)).sum((2, 3)).to(input_scale.dtype) if needs_scale else None
+    return g_x, g_s

@@ -1,4 +1,5 @@
-"""Triton kernel of the folded Ghost op: ``y = cat(x1, x2)[:, :out_channels]`` in one pass.
+"""Triton kernel of the folded Ghost op: ``y = cat(x1, x2)[:, :out_channels]`` in one pass, with
+the optional input scale, gate and residual of ``ghostkernels.ops.ghost_conv`` fused in.
 
 One program owns a strip of ``BLOCK_H`` image rows x ``BLOCK_W`` columns x ``BLOCK_C`` primary
 channels of one image. It walks down the strip keeping a rolling window of three rows of x1 in
@@ -16,6 +17,15 @@ traffic for GhostNet's channel counts (see spec kernels.md 8.3), and the extra x
 The alternative, recomputing the 1x1 at all 9 taps, would cost 9x; a shared-memory tile (the CUDA
 kernel's choice) costs 1.27x at 16x16 but is not expressible in Triton without a global scratch.
 
+Fused extras (each a constexpr switch, so the plain op compiles to the same code as before): the
+input scale ``s[b, k]`` multiplies the 1x1 weight chunk's rows (``W1 diag(s_b)``: one multiply per
+weight instead of three per x tile). For fp16/bf16 the scaled weight is split into its rounding to
+the input type plus the remainder, and both go through the tensor-core dot (``SPLIT_SCALED_W``:
+twice the 1x1 dots, only when scaling), so the products keep ~16 bits instead of 8 (bf16): a
+single rounding of w * s would move pre-activations by ~1e-3 relative and flip ReLU masks near
+zero. The gate and residual are applied to each row as it is stored (gate row ``(r * Hg) // H``,
+columns ``(cols * Wg) // W``).
+
 Both memory formats go through strides (stride-1 arguments are specialised by Triton, so loads and
 stores vectorise along whichever dim is contiguous). float32 uses ``tl.dot`` in IEEE precision (no
 TF32) so the float32 result matches the reference to ~1e-6. Under the Triton interpreter (CPU
@@ -30,8 +40,9 @@ BLOCK_H = 8
 
 
 @triton.jit
-def _x1_row_three_shifts(x_row_ptr, w_ptr, bias, r, cols, chans, chan_ok, H, W, Cin,
-                         sxc, sxw, RELU: tl.constexpr, BLOCK_W: tl.constexpr,
+def _x1_row_three_shifts(x_row_ptr, w_ptr, bias, scale_ptr, r, cols, chans, chan_ok, H, W, Cin,
+                         sxc, sxw, RELU: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         SPLIT_SCALED_W: tl.constexpr, BLOCK_W: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                          PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """x1 of image row ``r`` at columns cols-1, cols and cols+1: three [BLOCK_W, BLOCK_C] fp32
@@ -49,6 +60,12 @@ def _x1_row_three_shifts(x_row_ptr, w_ptr, bias, r, cols, chans, chan_ok, H, W, 
         k_ok = ks < Cin
         w = tl.load(w_ptr + chans[None, :] * Cin + ks[:, None],
                     mask=k_ok[:, None] & chan_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_C]
+        if HAS_SCALE:  # (x * s) . w == x . (s * w)
+            s = tl.load(scale_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            w_scaled = w.to(tl.float32) * s[:, None]
+            w = w_scaled.to(w.dtype)
+            if SPLIT_SCALED_W:
+                w_rest = (w_scaled - w.to(tl.float32)).to(w.dtype)
         at_k = pix + ks[None, :] * sxc
         x_l = tl.load(at_k - sxw, mask=ok_l[:, None] & k_ok[None, :], other=0.0)
         x_m = tl.load(at_k, mask=ok_m[:, None] & k_ok[None, :], other=0.0)
@@ -61,6 +78,12 @@ def _x1_row_three_shifts(x_row_ptr, w_ptr, bias, r, cols, chans, chan_ok, H, W, 
         acc_l = tl.dot(x_l, w, acc_l, input_precision=PRECISION)
         acc_m = tl.dot(x_m, w, acc_m, input_precision=PRECISION)
         acc_r = tl.dot(x_r, w, acc_r, input_precision=PRECISION)
+        if SPLIT_SCALED_W:
+            if UPCAST_DOT:
+                w_rest = w_rest.to(tl.float32)
+            acc_l = tl.dot(x_l, w_rest, acc_l, input_precision=PRECISION)
+            acc_m = tl.dot(x_m, w_rest, acc_m, input_precision=PRECISION)
+            acc_r = tl.dot(x_r, w_rest, acc_r, input_precision=PRECISION)
     acc_l += bias[None, :]
     acc_m += bias[None, :]
     acc_r += bias[None, :]
@@ -83,11 +106,32 @@ def _add_tap_row(acc, left, mid, right, w_cheap_ptr, chans, cheap_ok, TAP_ROW: t
 
 
 @triton.jit
+def _epilogue(v, r, cols, out_chans, mask, gate_img, sgc, sgh, sgw, Hg, Wg, res_img,
+              src, srh, srw, H, W, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """v [BLOCK_W, BLOCK_C] (output row r, channels out_chans) times the nearest gate values,
+    plus the residual."""
+    if HAS_GATE:
+        gate_cols = (cols * Wg) // W
+        g = tl.load(gate_img + ((r * Hg) // H) * sgh + gate_cols[:, None] * sgw
+                    + out_chans[None, :] * sgc, mask=mask, other=0.0)
+        v = v * g.to(tl.float32)
+    if HAS_RESIDUAL:
+        res = tl.load(res_img + r * srh + cols[:, None] * srw + out_chans[None, :] * src,
+                      mask=mask, other=0.0)
+        v = v + res.to(tl.float32)
+    return v
+
+
+@triton.jit
 def _ghost_conv_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap_ptr, y_ptr,
-                       Cin, C1, OUT_C, H, W,
+                       scale_ptr, gate_ptr, res_ptr,
+                       Cin, C1, OUT_C, H, W, Hg, Wg,
                        sxb, sxc, sxh, sxw, syb, syc, syh, syw,
+                       sgb, sgc, sgh, sgw, srb, src, srh, srw,
                        tiles_w, strips, chan_blocks,
-                       RELU_P: tl.constexpr, RELU_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                       RELU_P: tl.constexpr, RELU_C: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       SPLIT_SCALED_W: tl.constexpr, HAS_GATE: tl.constexpr,
+                       HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                        PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     # Channel block fastest: neighbouring programs read the same x tile (L2 reuse).
@@ -106,25 +150,33 @@ def _ghost_conv_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap
 
     x_img = x_ptr + b.to(tl.int64) * sxb
     y_img = y_ptr + b.to(tl.int64) * syb
+    scale_img = scale_ptr + b.to(tl.int64) * Cin  # [B, Cin] contiguous
+    gate_img = gate_ptr + b.to(tl.int64) * sgb
+    res_img = res_ptr + b.to(tl.int64) * srb
     b_p = tl.load(b_primary_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
     b_c = tl.load(b_cheap_ptr + chans, mask=cheap_ok, other=0.0).to(tl.float32)
 
     up_l, up_m, up_r = _x1_row_three_shifts(
-        x_img + (h0 - 1) * sxh, w_primary_ptr, b_p, h0 - 1, cols, chans, chan_ok, H, W, Cin,
-        sxc, sxw, RELU_P, BLOCK_W, BLOCK_C, BLOCK_K, PRECISION, UPCAST_DOT)
+        x_img + (h0 - 1) * sxh, w_primary_ptr, b_p, scale_img, h0 - 1, cols, chans, chan_ok, H,
+        W, Cin, sxc, sxw, RELU_P, HAS_SCALE, SPLIT_SCALED_W, BLOCK_W, BLOCK_C, BLOCK_K,
+        PRECISION, UPCAST_DOT)
     mid_l, mid_m, mid_r = _x1_row_three_shifts(
-        x_img + h0 * sxh, w_primary_ptr, b_p, h0, cols, chans, chan_ok, H, W, Cin,
-        sxc, sxw, RELU_P, BLOCK_W, BLOCK_C, BLOCK_K, PRECISION, UPCAST_DOT)
+        x_img + h0 * sxh, w_primary_ptr, b_p, scale_img, h0, cols, chans, chan_ok, H, W, Cin,
+        sxc, sxw, RELU_P, HAS_SCALE, SPLIT_SCALED_W, BLOCK_W, BLOCK_C, BLOCK_K, PRECISION,
+        UPCAST_DOT)
     primary_mask = col_ok[:, None] & chan_ok[None, :]
     cheap_mask = col_ok[:, None] & cheap_ok[None, :]
     for i in range(0, BLOCK_H):
         r = h0 + i
         if r < H:
             dn_l, dn_m, dn_r = _x1_row_three_shifts(
-                x_img + (r + 1) * sxh, w_primary_ptr, b_p, r + 1, cols, chans, chan_ok, H, W,
-                Cin, sxc, sxw, RELU_P, BLOCK_W, BLOCK_C, BLOCK_K, PRECISION, UPCAST_DOT)
+                x_img + (r + 1) * sxh, w_primary_ptr, b_p, scale_img, r + 1, cols, chans, chan_ok,
+                H, W, Cin, sxc, sxw, RELU_P, HAS_SCALE, SPLIT_SCALED_W, BLOCK_W, BLOCK_C,
+                BLOCK_K, PRECISION, UPCAST_DOT)
             y_pix = y_img + r * syh + cols[:, None] * syw
-            tl.store(y_pix + chans[None, :] * syc, mid_m.to(y_ptr.dtype.element_ty),
+            x1 = _epilogue(mid_m, r, cols, chans, primary_mask, gate_img, sgc, sgh, sgw, Hg, Wg,
+                           res_img, src, srh, srw, H, W, HAS_GATE, HAS_RESIDUAL)
+            tl.store(y_pix + chans[None, :] * syc, x1.to(y_ptr.dtype.element_ty),
                      mask=primary_mask)
             x2 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32) + b_c[None, :]
             x2 = _add_tap_row(x2, up_l, up_m, up_r, w_cheap_ptr, chans, cheap_ok, 0)
@@ -132,6 +184,8 @@ def _ghost_conv_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap
             x2 = _add_tap_row(x2, dn_l, dn_m, dn_r, w_cheap_ptr, chans, cheap_ok, 2)
             if RELU_C:
                 x2 = tl.maximum(x2, 0.0)
+            x2 = _epilogue(x2, r, cols, C1 + chans, cheap_mask, gate_img, sgc, sgh, sgw, Hg, Wg,
+                           res_img, src, srh, srw, H, W, HAS_GATE, HAS_RESIDUAL)
             tl.store(y_pix + (C1 + chans)[None, :] * syc, x2.to(y_ptr.dtype.element_ty),
                      mask=cheap_mask)
             up_l, up_m, up_r = mid_l, mid_m, mid_r
@@ -143,7 +197,7 @@ def _block(n: int, lo: int, hi: int) -> int:
 
 
 def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_cheap: bool,
-            out_channels: int, out=None):
+            out_channels: int, input_scale=None, gate=None, residual=None, out=None):
     """Kernel contract of ``ghostkernels.ops.ghost_conv``. ``out`` (optional, for tests) is a
     preallocated y of the right shape, dtype and memory format."""
     B, Cin, H, W = x.shape
@@ -165,12 +219,23 @@ def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_
         raise ValueError("the Triton kernel indexes within one image in int32: each image of x and "
                          f"y must have fewer than 2**31 elements, got x {tuple(x.shape)}, "
                          f"y {tuple(y.shape)}")
+    for name, t in (("gate", gate), ("residual", residual)):
+        if t is not None and t[0].numel() >= 2**31:
+            raise ValueError(f"the Triton kernel indexes within one image in int32: each image of "
+                             f"{name} must have fewer than 2**31 elements, got {tuple(t.shape)}")
+    Hg, Wg = gate.shape[-2:] if gate is not None else (1, 1)
     grid = (B * strips * tiles_w * chan_blocks,)
     _ghost_conv_kernel[grid](
-        x, w_primary, b_primary, w_cheap, b_cheap, y, Cin, C1, out_channels, H, W,
-        *x.stride(), *y.stride(), tiles_w, strips, chan_blocks,
-        RELU_P=bool(relu_primary), RELU_C=bool(relu_cheap), BLOCK_H=BLOCK_H, BLOCK_W=block_w,
-        BLOCK_C=block_c, BLOCK_K=block_k,
+        x, w_primary, b_primary, w_cheap, b_cheap, y,
+        y if input_scale is None else input_scale,  # absent extras: unused placeholders
+        y if gate is None else gate, y if residual is None else residual,
+        Cin, C1, out_channels, H, W, Hg, Wg,
+        *x.stride(), *y.stride(), *(gate.stride() if gate is not None else (0,) * 4),
+        *(residual.stride() if residual is not None else (0,) * 4), tiles_w, strips, chan_blocks,
+        RELU_P=bool(relu_primary), RELU_C=bool(relu_cheap), HAS_SCALE=input_scale is not None,
+        SPLIT_SCALED_W=input_scale is not None and x.dtype != torch.float32,
+        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, BLOCK_H=BLOCK_H,
+        BLOCK_W=block_w, BLOCK_C=block_c, BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=4)
     return y

@@ -122,8 +122,8 @@ def _write_split(root: str, split: str, num_images: int, seed: int, args: dict) 
 
 def generate_shapes_dataset(root: str, num_train: int = 800, num_val: int = 100,
                             image_size: int = 128, num_classes: int = 3, seed: int = 0,
-                            max_objects: int = 4, empty_fraction: float = 0.1,
-                            min_frac: float = 0.15, max_frac: float = 0.45,
+                            max_objects: int = 3, empty_fraction: float = 0.1,
+                            min_frac: float = 0.25, max_frac: float = 0.55,
                             max_overlap_iou: float = 0.3) -> dict:
     """Write the dataset under ``root`` and return its paths: ``{"train": (img_dir, ann_file),
     "val": (img_dir, ann_file), "classes": [...]}``."""
@@ -138,7 +138,7 @@ def generate_shapes_dataset(root: str, num_train: int = 800, num_val: int = 100,
     params = dict(num_train=num_train, num_val=num_val, image_size=image_size,
                   num_classes=num_classes, seed=seed, max_objects=max_objects,
                   empty_fraction=empty_fraction, min_frac=min_frac, max_frac=max_frac,
-                  max_overlap_iou=max_overlap_iou, version=1)
+                  max_overlap_iou=max_overlap_iou, version=2)
     paths = {split: (os.path.join(root, split),
                      os.path.join(root, "annotations", f"instances_{split}.json"))
              for split in ("train", "val")}

@@ -10,7 +10,10 @@ import torch
 from torch import nn
 
 import ghostkernels
+from ghostkernels import use_backend
 from rtdetr.models.backbone.ghostnetv3 import IMAGENET_MEAN, IMAGENET_STD, GhostNetV3
+from rtdetr.models.backbone.ghostnetv3_blocks import GhostBottleneckV3, SqueezeExcite
+from tests.backend_params import backend_params, require
 
 WIDTHS = (0.5, 1.0, 1.3, 1.6)
 # outputs of blocks[0..9] (spec §2.3)
@@ -179,23 +182,53 @@ def _folded_pair(width=0.5):
     return net.reparameterize(use_fused_ops=False)
 
 
+def _expected_fused_extras(net: GhostNetV3) -> list[set]:
+    """The extras each ghost_conv call of one forward must get: ghost1 its DFC gate (bottlenecks
+    2..15), ghost2 the SE excitation as input_scale (where there is SE) and the shortcut as
+    residual (every bottleneck)."""
+    expected = []
+    for m in net.modules():
+        if isinstance(m, GhostBottleneckV3):
+            expected.append({"gate"} if m.ghost1.dfc else set())
+            expected.append({"residual"} | (
+                {"input_scale"} if isinstance(m.se, SqueezeExcite) else set()))
+    return expected
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_ops_match_plain_pytorch(channels_last):
+def test_fused_ops_match_plain_pytorch(channels_last, backend, monkeypatch):
     # Must fail (not skip) while ghostkernels.ghost_conv / depthwise_conv are missing.
     assert callable(ghostkernels.ghost_conv) and callable(ghostkernels.depthwise_conv)
+    require(backend, "ghost_conv", torch.float32)
     net = _folded_pair()
     x = torch.rand(2, 3, 67, 45)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
+    calls = []
+    ghost_conv = ghostkernels.ghost_conv
+
+    def recording_ghost_conv(*args, **kwargs):
+        calls.append({k for k in ("input_scale", "gate", "residual") if kwargs.get(k) is not None})
+        return ghost_conv(*args, **kwargs)
+
+    monkeypatch.setattr(ghostkernels, "ghost_conv", recording_ghost_conv)
     with torch.no_grad():
         ref = net(x) + [net.forward_classifier(x)]
+        assert not calls
         net.use_fused_ops = True
-        out = net(x) + [net.forward_classifier(x)]
+        with use_backend(backend):
+            out = net(x) + [net.forward_classifier(x)]
     for r, o in zip(ref, out):
         assert o.shape == r.shape
         assert rel_err(o, r) < 1e-5
     if channels_last:
         assert out[0].is_contiguous(memory_format=torch.channels_last)
+    # every fused site ran on the fused path (both forwards walk all 16 bottlenecks)
+    expected = _expected_fused_extras(net)
+    assert calls == expected * 2
+    for extra in ("input_scale", "gate", "residual"):
+        assert any(extra in e for e in expected), extra
 
 
 @pytest.mark.gpu

@@ -13,7 +13,10 @@ Training-time structure (spec ghostnetv3.md §1; module names follow the officia
 ``reparameterize()`` folds every branch and every conv+BN pair (including the DFC gate and the
 shortcut, which the official code leaves as conv+BN) into biased convs. Afterwards the forward runs
 on ``ghostkernels.ghost_conv`` / ``ghostkernels.depthwise_conv`` when ``use_fused_ops`` is true,
-or on ``F.conv2d`` with the same folded tensors when it is false.
+or on ``F.conv2d`` with the same folded tensors when it is false. On fused ops the small
+elementwise steps around each Ghost module go into its ``ghost_conv`` call: the DFC gate (computed
+at half resolution, upsampled inside the kernel) as ghost1's ``gate``, the SE excitation as
+ghost2's ``input_scale`` and the shortcut as ghost2's ``residual``.
 """
 from __future__ import annotations
 
@@ -78,8 +81,9 @@ def _sum(branches):
     return total
 
 
-def _dfc_gate(short_conv: nn.Sequential, x: torch.Tensor, out_hw, fused: bool) -> torch.Tensor:
-    """The DFC attention gate of a Ghost module from its input ``x``, at size ``out_hw``."""
+def _dfc_gate_low_res(short_conv: nn.Sequential, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """The DFC attention gate of a Ghost module from its input ``x``, sigmoided, at the
+    2x2-average-pooled resolution (before the nearest upsampling)."""
     pooled = F.avg_pool2d(x, kernel_size=2, stride=2)
     if fused and isinstance(short_conv[1], nn.Identity):  # folded: [1x1, Id, 1x5, Id, 5x1, Id]
         depthwise = _fused_op("depthwise_conv")
@@ -89,7 +93,7 @@ def _dfc_gate(short_conv: nn.Sequential, x: torch.Tensor, out_hw, fused: bool) -
         res = depthwise(res, vertical.weight, vertical.bias)
     else:
         res = short_conv(pooled)
-    return F.interpolate(torch.sigmoid(res), size=out_hw, mode="nearest")
+    return torch.sigmoid(res)
 
 
 class GhostModuleV3(nn.Module):
@@ -121,26 +125,38 @@ class GhostModuleV3(nn.Module):
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x) if self.relu else x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_scale: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``cat(x1, x2)`` of ``x * input_scale[:, :, None, None]`` (times the DFC gate), plus
+        ``residual``; input_scale [B, in_ch] and residual [B, out_ch, H, W] are optional."""
         if self.deployed and self.use_fused_ops:
-            act = "relu" if self.relu else "none"
-            out = _fused_op("ghost_conv")(
-                x, self.primary_conv.weight, self.primary_conv.bias, self.cheap_operation.weight,
-                self.cheap_operation.bias, act_primary=act, act_cheap=act,
-                out_channels=self.out_ch)
+            return self._forward_fused(x, input_scale, residual)
+        if input_scale is not None:
+            x = x * input_scale[:, :, None, None]
+        if self.deployed:
+            x1 = self._act(self.primary_conv(x))
+            x2 = self._act(self.cheap_operation(x1))
         else:
-            if self.deployed:
-                x1 = self._act(self.primary_conv(x))
-                x2 = self._act(self.cheap_operation(x1))
-            else:
-                x1 = self._act(_sum([branch(x) for branch in self.primary_rpr_conv]))
-                x2 = self._act(_sum([self.cheap_rpr_scale(x1), self.cheap_rpr_skip(x1)]
-                                    + [branch(x1) for branch in self.cheap_rpr_conv]))
-            out = torch.cat([x1, x2], dim=1)
+            x1 = self._act(_sum([branch(x) for branch in self.primary_rpr_conv]))
+            x2 = self._act(_sum([self.cheap_rpr_scale(x1), self.cheap_rpr_skip(x1)]
+                                + [branch(x1) for branch in self.cheap_rpr_conv]))
+        out = torch.cat([x1, x2], dim=1)
+        if self.dfc:  # sigmoid at low resolution, then nearest upsampling (spec §1.3)
+            gate = _dfc_gate_low_res(self.short_conv, x, fused=False)
+            out = out * F.interpolate(gate, size=out.shape[-2:], mode="nearest")
+        return out if residual is None else out + residual
+
+    def _forward_fused(self, x, input_scale, residual) -> torch.Tensor:
+        """One ghost_conv call; the DFC gate's low-resolution path runs on the (scaled) input."""
+        gate = None
         if self.dfc:
-            out = out * _dfc_gate(self.short_conv, x, out.shape[-2:],
-                                  self.deployed and self.use_fused_ops)
-        return out
+            gate_input = x if input_scale is None else x * input_scale[:, :, None, None]
+            gate = _dfc_gate_low_res(self.short_conv, gate_input, fused=True)
+        act = "relu" if self.relu else "none"
+        return _fused_op("ghost_conv")(
+            x, self.primary_conv.weight, self.primary_conv.bias, self.cheap_operation.weight,
+            self.cheap_operation.bias, act_primary=act, act_cheap=act, out_channels=self.out_ch,
+            input_scale=input_scale, gate=gate, residual=residual)
 
     @torch.no_grad()
     def reparameterize(self, fold_all_bn: bool = True) -> None:
@@ -172,10 +188,13 @@ class SqueezeExcite(nn.Module):
         self.conv_reduce = nn.Conv2d(channels, reduced, 1, bias=True)
         self.conv_expand = nn.Conv2d(reduced, channels, 1, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-(image, channel) factors [B, C] that ``forward`` multiplies x by."""
         s = x.mean((2, 3), keepdim=True)
-        s = self.conv_expand(F.relu(self.conv_reduce(s)))
-        return x * F.hardsigmoid(s)
+        return F.hardsigmoid(self.conv_expand(F.relu(self.conv_reduce(s)))).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.excitation(x)[:, :, None, None]
 
 
 class GhostBottleneckV3(nn.Module):
@@ -226,11 +245,12 @@ class GhostBottleneckV3(nn.Module):
         return F.conv2d(x, pw.weight, pw.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ghost1(x)
-        y = self._depthwise(y)
-        y = self.se(y)
-        y = self.ghost2(y)
-        return y + self._shortcut(x)
+        y = self._depthwise(self.ghost1(x))
+        if self.deployed and self.use_fused_ops:
+            # SE multiply -> ghost2 scales its input as it reads it; shortcut add -> its epilogue
+            scale = self.se.excitation(y) if isinstance(self.se, SqueezeExcite) else None
+            return self.ghost2(y, input_scale=scale, residual=self._shortcut(x))
+        return self.ghost2(self.se(y)) + self._shortcut(x)
 
     @torch.no_grad()
     def reparameterize(self, fold_all_bn: bool = True) -> None:
