@@ -36,7 +36,6 @@ def copy_bandwidth_gbs(device: str) -> float:
     src = torch.empty(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device)
-    del src, dst
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 

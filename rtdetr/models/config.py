@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from torch import nn
 
+from rtdetr.config_schema import from_dict, to_dict
 from rtdetr.models.backbone import build_backbone
 from rtdetr.models.criterion import RTDETRCriterion
 from rtdetr.models.decoder import RTDETRDecoder
@@ -26,24 +27,12 @@ from rtdetr.models.rtdetr import RTDETR
 class _FromDict:
     @classmethod
     def from_dict(cls, d: dict | None, where: str = "model"):
-        """Build from a mapping; nested sections become their dataclasses; unknown keys raise."""
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise TypeError(f"{where} must be a mapping, got {type(d).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown key {where}.{unknown[0]!r} in the config; "
-                             f"{where} accepts {sorted(fields)}")
-        kwargs = {}
-        for name, value in d.items():
-            sub = _SECTIONS.get((cls.__name__, name))
-            kwargs[name] = sub.from_dict(value, f"{where}.{name}") if sub else value
-        return cls(**kwargs)
+        """Build from a mapping; nested sections become their dataclasses; unknown keys and values
+        of the wrong type raise ConfigError (a ValueError) naming the key."""
+        return from_dict(cls, d, where)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
 
 @dataclass
@@ -132,10 +121,6 @@ class ModelConfig(_FromDict):
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
     postprocessor: PostProcessorConfig = field(default_factory=PostProcessorConfig)
-
-
-_SECTIONS = {("ModelConfig", f.name): f.default_factory for f in dataclasses.fields(ModelConfig)
-             if f.default_factory is not dataclasses.MISSING}
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

@@ -2,8 +2,6 @@
 predict with the real model (2 steps, 64 px, on the synthetic dataset)."""
 import json
 import os
-import sys
-import types
 
 import pytest
 import torch
