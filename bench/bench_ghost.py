@@ -43,6 +43,7 @@ def main(argv=None):
              if backends.availability(b, device).available
              and dtype in backends.implementations("ghost_conv")[b].dtypes]
     compiled = None if args.no_compile else torch.compile(eager_ghost)
+    eager = "cuDNN eager" if device == "cuda" else "PyTorch eager"
     rows = []
     with torch.no_grad():
         for shape in shapes:
@@ -61,14 +62,14 @@ def main(argv=None):
                     elem = x.element_size()
                     ghost_floor = (x.numel() + batch * cout * hw * hw) * elem / bandwidth / 1e6
                     dw_floor = 2 * batch * c1 * hw * hw * elem / bandwidth / 1e6
-                    base = {"cuDNN eager": time_ms(lambda: eager_ghost(x, w1, b1, w2, b2), device)}
+                    base = {eager: time_ms(lambda: eager_ghost(x, w1, b1, w2, b2), device)}
                     if compiled is not None:
                         base["torch.compile"] = time_ms(lambda: compiled(x, w1, b1, w2, b2), device)
                     for label, ms in base.items():
                         rows.append(Row("ghost-fwd", case, label, ms, ghost_floor))
                     x1 = F.relu(F.conv2d(x, w1, b1))
                     dw_eager = time_ms(lambda: F.conv2d(x1, w2, b2, padding=1, groups=c1), device)
-                    rows.append(Row("dw3x3-fwd", case, "cuDNN eager", dw_eager, dw_floor))
+                    rows.append(Row("dw3x3-fwd", case, eager, dw_eager, dw_floor))
                     for backend in names:
                         if backend == "reference":
                             continue  # the reference is the eager composition above
@@ -78,7 +79,7 @@ def main(argv=None):
                         rows.append(Row("ghost-fwd", case, backend, ms, ghost_floor,
                                         {k: v / ms for k, v in base.items()}))
                         rows.append(Row("dw3x3-fwd", case, backend, dw_ms, dw_floor,
-                                        {"cuDNN eager": dw_eager / dw_ms}))
+                                        {eager: dw_eager / dw_ms}))
     header = (f"### ghost_conv / depthwise_conv ({machine_description(device)}; copy bandwidth "
               f"{bandwidth:.0f} GB/s read+write)")
     write_outputs(rows, header, args.out, "ghost")

@@ -26,8 +26,10 @@ import torch
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "GHOSTKERNELS_BACKEND"
 
-# Fastest first; the first one that is available and supports the call wins.
+# Fastest first; the first one that is available and supports the call wins. An op may override
+# the order for a device type where measurements say otherwise (set_auto_order).
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+_OP_AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {}
 
 _state = threading.local()
 
@@ -124,6 +126,10 @@ def format_report() -> str:
             lines.append(f"    {name:<9} {'yes' if av.available else 'no ':<3}  {av.reason}")
         auto = [b for b in _AUTO_ORDER[dev] if backends[b].available]
         lines.append(f"    automatic choice: {auto[0] if auto else 'none'}")
+        for (op, op_dev), order in sorted(_OP_AUTO_ORDER.items()):
+            if op_dev == dev:
+                first = [b for b in order if backends[b].available]
+                lines.append(f"      except {op}: {first[0] if first else 'none'} (measured faster)")
     forced = requested_backend()
     if forced:
         lines.append(f"  forced backend: {forced}")
@@ -155,6 +161,18 @@ def register(op: str, backend: str, module: str, dtypes) -> None:
 
 def implementations(op: str) -> dict[str, Implementation]:
     return dict(_REGISTRY[op])
+
+
+def set_auto_order(op: str, device_type: str, order) -> None:
+    """Automatic choice for ``op`` on ``device_type``: ``order`` fastest first (measured)."""
+    bad = [b for b in order if b not in BACKENDS]
+    if bad or not order:
+        raise ValueError(f"order must be a non-empty sequence of {BACKENDS}, got {order!r}")
+    _OP_AUTO_ORDER[(op, device_type)] = tuple(order)
+
+
+def auto_order(op: str, device_type: str) -> tuple[str, ...]:
+    return _OP_AUTO_ORDER.get((op, device_type), _AUTO_ORDER.get(device_type, ("reference",)))
 
 
 def requested_backend() -> str | None:
@@ -228,7 +246,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
                 f"backend {forced!r} was requested for ghostkernels.{op} on {device_type} "
                 f"{str(dtype).replace('torch.', '')} tensors but cannot run it: {why}")
         return forced
-    for backend in _AUTO_ORDER.get(device_type, ("reference",)):
+    for backend in auto_order(op, device_type):
         if not _supports(op, backend, device_type, dtype):
             return backend
     return "reference"
