@@ -13,6 +13,7 @@ batch 1 (benchmark-protocol.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 
@@ -40,6 +41,21 @@ def build(config: str):
     return model.eval(), postprocessor
 
 
+@contextlib.contextmanager
+def plain_pytorch_backbone(model):
+    """A folded GhostNetV3 backbone runs on F.conv2d & co. (not the fused ops) inside."""
+    backbone = model.backbone
+    switch = hasattr(type(backbone), "use_fused_ops") and backbone.deployed
+    before = backbone.use_fused_ops if switch else None
+    if switch:
+        backbone.use_fused_ops = False
+    try:
+        yield
+    finally:
+        if switch:
+            backbone.use_fused_ops = before
+
+
 def backends_note(device: str, dtype: torch.dtype, backbone_fused: bool) -> str:
     ops = OPS if backbone_fused else OPS[:1]
     return ", ".join(f"{op}={backend_for(op, device, dtype)}" for op in ops)
@@ -53,7 +69,7 @@ def run_mode(mode, model, postprocessor, images, sizes, device, cpu_runs, compil
     fused = hasattr(type(model.backbone), "use_fused_ops") and model.backbone.deployed
     if mode in ("unfolded eager", "folded eager"):
         detector = EndToEndDetector(model, postprocessor)
-        with use_backend("reference"), torch.no_grad():
+        with plain_pytorch_backbone(model), use_backend("reference"), torch.no_grad():
             return time_ms(lambda: detector(images, sizes), device, cpu_runs), "reference ops"
     note = backends_note(device, dtype, fused)
     if mode == "folded + fused":

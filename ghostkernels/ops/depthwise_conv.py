@@ -32,9 +32,6 @@ OP = "depthwise_conv"
 KERNEL_SIZES = (1, 3, 5)
 STRIDES = (1, 2)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# On CPUs PyTorch's own (oneDNN) convolutions beat the C++ kernel (bench/bench_ghost.py,
-# BENCHMARKS.md): the automatic choice there is the reference; "cpu" stays available explicitly.
-backends.set_auto_order(OP, "cpu", ("reference", "cpu"))
 backends.register(OP, "reference", "ghostkernels.reference.depthwise_conv", FLOATING)
 backends.register(OP, "cpu", "ghostkernels.compiled.depthwise_conv", FLOATING)
 backends.register(OP, "cuda", "ghostkernels.compiled.depthwise_conv", GPU_DTYPES)

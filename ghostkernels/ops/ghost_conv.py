@@ -41,9 +41,6 @@ from ghostkernels.reference import ghost_conv as reference
 
 OP = "ghost_conv"
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# On CPUs PyTorch's own (oneDNN) convolutions beat the C++ kernel (bench/bench_ghost.py,
-# BENCHMARKS.md): the automatic choice there is the reference; "cpu" stays available explicitly.
-backends.set_auto_order(OP, "cpu", ("reference", "cpu"))
 backends.register(OP, "reference", "ghostkernels.reference.ghost_conv", FLOATING)
 backends.register(OP, "cpu", "ghostkernels.compiled.ghost_conv", FLOATING)
 backends.register(OP, "cuda", "ghostkernels.compiled.ghost_conv", GPU_DTYPES)
