@@ -40,6 +40,19 @@ def _fresh_seed(request):
     yield seed
 
 
+@pytest.fixture
+def poisoned_empty():
+    """torch.empty (Python and C++) returns NaN-filled memory: unwritten outputs show up as NaN."""
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.isnan(torch.empty(8)).all()
+    yield
+    torch.use_deterministic_algorithms(previous[0])
+    torch.utils.deterministic.fill_uninitialized_memory = previous[1]
+
+
 def pytest_runtest_makereport(item, call):
     if call.when == "call" and call.excinfo is not None:
         seeds = [v for k, v in item.user_properties if k == "seed"]

@@ -76,19 +76,6 @@ def run(backend, x, weight, bias, stride, act):
         return ghostkernels.depthwise_conv(x, weight, bias, stride, act)
 
 
-@pytest.fixture
-def poisoned_empty():
-    """torch.empty (Python and C++) returns NaN-filled memory: unwritten outputs show up as NaN."""
-    previous = (torch.are_deterministic_algorithms_enabled(),
-                torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.isnan(torch.empty(8)).all()
-    yield
-    torch.use_deterministic_algorithms(previous[0])
-    torch.utils.deterministic.fill_uninitialized_memory = previous[1]
-
-
 def test_reference_matches_plain_conv():
     rng = random.Random(torch.initial_seed())
     for i in range(10):

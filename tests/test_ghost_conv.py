@@ -84,19 +84,6 @@ def run(backend, x, w_primary, b_primary, w_cheap, b_cheap, act_p, act_c, out_ch
                                        out_channels)
 
 
-@pytest.fixture
-def poisoned_empty():
-    """torch.empty (Python and C++) returns NaN-filled memory: unwritten outputs show up as NaN."""
-    previous = (torch.are_deterministic_algorithms_enabled(),
-                torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.isnan(torch.empty(8)).all()
-    yield
-    torch.use_deterministic_algorithms(previous[0])
-    torch.utils.deterministic.fill_uninitialized_memory = previous[1]
-
-
 def test_reference_matches_plain_conv_and_cat():
     rng = random.Random(torch.initial_seed())
     for i in range(9):
