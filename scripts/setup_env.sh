@@ -20,7 +20,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # Rebuild only when a source is newer than the built extension, it does not import, or CUDA is
 # required (GHOSTKERNELS_CUDA=1) and it was built without.
-so=$(ls ghostkernels/_C*.so 2>/dev/null | head -n 1)
+so=$(ls ghostkernels/_C*.so 2>/dev/null | head -n 1 || true)
 if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -print -quit)" ] \
     && (cd / && python -c "import os, ghostkernels._C as c
 assert c.WITH_CUDA or os.environ.get('GHOSTKERNELS_CUDA', 'auto') != '1'") 2>/dev/null; then
