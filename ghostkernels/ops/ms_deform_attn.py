@@ -13,6 +13,8 @@ Kernel contract, the same for every backend module (``forward`` / ``backward``):
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ghostkernels import backends
@@ -107,14 +109,17 @@ _ms_deform_attn.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # Public function
 
-_validated: dict[tuple, bool] = {}
+# Level metadata already checked: key -> weak references to the very tensors that were checked (a
+# key alone could match a new tensor that reuses a freed one's memory with other contents).
+_validated: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
 
 
 def _check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int) -> None:
     """Value-dependent checks of the level metadata (host read; cached per tensor version)."""
     key = (spatial_shapes.data_ptr(), spatial_shapes._version, tuple(spatial_shapes.shape),
            level_start_index.data_ptr(), level_start_index._version, S, spatial_shapes.device)
-    if key in _validated:
+    seen = _validated.get(key)
+    if seen is not None and seen[0]() is spatial_shapes and seen[1]() is level_start_index:
         return
     shapes = spatial_shapes.tolist()
     starts = level_start_index.tolist()
@@ -133,7 +138,7 @@ def _check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                          f"(sum of h*w over levels), but they sum to {total}: {shapes}")
     if len(_validated) > 1024:
         _validated.clear()
-    _validated[key] = True
+    _validated[key] = (weakref.ref(spatial_shapes), weakref.ref(level_start_index))
 
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
