@@ -8,6 +8,8 @@
 // [N,Lq,M,L,P,2] float64 when T is float64 else float32; attention_weights [N,Lq,M,L,P] dtype T;
 // grad_output [N,Lq,M*D] dtype T.
 #include <torch/library.h>
+
+#include "ms_deform_attn.h"
 #include <ATen/core/Tensor.h>
 
 namespace ghostkernels {

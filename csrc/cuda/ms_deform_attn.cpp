@@ -12,13 +12,9 @@
 
 #include "cuda/ms_deform_attn_kernel.h"
 
-namespace ghostkernels {
+#include "ms_deform_attn.h"
 
-void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                                 const at::Tensor& level_start_index,
-                                 const at::Tensor& sampling_locations,
-                                 const at::Tensor& attention_weights,
-                                 const at::Tensor* grad_output);  // csrc/ms_deform_attn.cpp
+namespace ghostkernels {
 
 namespace {
 

@@ -17,8 +17,9 @@ TINY_GHOST = {"num_classes": 4,
 SIZE = 64  # GhostNetV3's DFC gates need >= 33 px; 8x8 + 4x4 + 2x2 = 84 positions >= 20 queries
 
 
-def randomize_bn(model: nn.Module) -> None:
-    """Non-trivial BN statistics, so that folding has something to fold."""
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters (so that folding has something to fold);
+    returns the model."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -26,6 +27,7 @@ def randomize_bn(model: nn.Module) -> None:
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
+    return model
 
 
 def tiny_detector():

@@ -9,19 +9,11 @@ from rtdetr.models.backbone import build_backbone
 from rtdetr.models.decoder import RTDETRDecoder, generate_anchors
 from rtdetr.models.denoising import contrastive_denoising_group
 from rtdetr.models.hybrid_encoder import CSPRepLayer, RepVggBlock, sincos_position_embedding
+from tests.rtdetr.detector_cases import randomize_bn
 
 
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
-
-
-def randomize_bn(module):
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
 
 
 # ------------------------------------------------------------------ positional embedding

@@ -13,6 +13,7 @@ import ghostkernels
 from ghostkernels import use_backend
 from rtdetr.models.backbone.ghostnetv3 import IMAGENET_MEAN, IMAGENET_STD, GhostNetV3
 from rtdetr.models.backbone.ghostnetv3_blocks import GhostBottleneckV3, SqueezeExcite
+from tests.rtdetr.detector_cases import randomize_bn
 from tests.backend_params import backend_params, require
 
 WIDTHS = (0.5, 1.0, 1.3, 1.6)
@@ -35,17 +36,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def randomize_bn(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.running_mean.normal_(0, 0.5)
-                bn.running_var.uniform_(0.5, 2.0)
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.normal_(0, 0.2)
-    return model
 
 
 def n_params(model: nn.Module) -> float:

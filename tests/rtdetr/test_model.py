@@ -1,10 +1,10 @@
 """The assembled RT-DETR: parameter count, outputs in train/eval, deploy(), empty targets, sizes."""
 import pytest
 import torch
-from torch import nn
 
 from rtdetr.models import ModelConfig, build_detector, build_model, load_model_config
 from rtdetr.models.hybrid_encoder import RepVggBlock
+from tests.rtdetr.detector_cases import randomize_bn
 
 CONFIGS = "rtdetr/configs"
 TINY = {"num_classes": 5,
@@ -121,18 +121,9 @@ def test_empty_target_batches_keep_the_same_graph():
     assert all(len(p) == 0 for p in out["dn_meta"]["dn_positive_idx"])
 
 
-def _randomize_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-
-
 def test_deploy_equals_unfolded_eval_model():
     model = build_detector(ModelConfig.from_dict(TINY)).double()
-    _randomize_bn(model)
+    randomize_bn(model)
     model.eval()
     x = torch.rand(2, 3, 64, 96, dtype=torch.float64)
     with torch.no_grad():
