@@ -42,13 +42,14 @@ def build(config: str):
 
 
 @contextlib.contextmanager
-def plain_pytorch_backbone(model):
-    """A folded GhostNetV3 backbone runs on F.conv2d & co. (not the fused ops) inside."""
+def backbone_ops(model, fused: bool):
+    """A folded GhostNetV3 backbone runs on the fused ops (True) or on F.conv2d & co. (False)
+    inside, whatever its default ("auto": fused on GPUs only)."""
     backbone = model.backbone
     switch = hasattr(type(backbone), "use_fused_ops") and backbone.deployed
     before = backbone.use_fused_ops if switch else None
     if switch:
-        backbone.use_fused_ops = False
+        backbone.use_fused_ops = fused
     try:
         yield
     finally:
@@ -64,21 +65,28 @@ def backends_note(device: str, dtype: torch.dtype, backbone_fused: bool) -> str:
 def run_mode(mode, model, postprocessor, images, sizes, device, cpu_runs, compile_backend):
     """(milliseconds, note) of one mode; the model is already folded for every mode but the
     first."""
-    from rtdetr.runtime import CudaGraphDetector, EndToEndDetector, compile_detector
+    from rtdetr.runtime import EndToEndDetector
     dtype = images.dtype
     fused = hasattr(type(model.backbone), "use_fused_ops") and model.backbone.deployed
     if mode in ("unfolded eager", "folded eager"):
         detector = EndToEndDetector(model, postprocessor)
-        with plain_pytorch_backbone(model), use_backend("reference"), torch.no_grad():
+        with backbone_ops(model, fused=False), use_backend("reference"), torch.no_grad():
             return time_ms(lambda: detector(images, sizes), device, cpu_runs), "reference ops"
-    note = backends_note(device, dtype, fused)
+    with backbone_ops(model, fused=True):
+        return _run_fused_mode(mode, model, postprocessor, images, sizes, device, cpu_runs,
+                               compile_backend, backends_note(device, dtype, fused))
+
+
+def _run_fused_mode(mode, model, postprocessor, images, sizes, device, cpu_runs,
+                    compile_backend, note):
+    from rtdetr.runtime import CudaGraphDetector, EndToEndDetector, compile_detector
     if mode == "folded + fused":
         detector = EndToEndDetector(model, postprocessor)
         with torch.no_grad():
             return time_ms(lambda: detector(images, sizes), device, cpu_runs), note
     if mode == "folded + fused + CUDA graph":
         graphed = CudaGraphDetector(model, images.shape[0], images.shape[2], images.shape[3],
-                                    dtype, postprocessor=postprocessor,
+                                    images.dtype, postprocessor=postprocessor,
                                     channels_last=not images.is_contiguous())
         graphed(images, sizes)
         return time_ms(graphed.replay, device, cpu_runs), note

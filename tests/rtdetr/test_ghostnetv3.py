@@ -221,6 +221,29 @@ def test_fused_ops_match_plain_pytorch(channels_last, backend, monkeypatch):
         assert any(extra in e for e in expected), extra
 
 
+def test_fused_ops_auto_mode_runs_plain_convs_on_the_cpu(monkeypatch):
+    net = _folded_pair()
+    net.use_fused_ops = "auto"
+    assert GhostNetV3(width=0.5).reparameterize().use_fused_ops == "auto"  # the default
+    x = torch.rand(1, 3, 64, 64)
+    calls = []
+    ghost_conv = ghostkernels.ghost_conv
+    monkeypatch.setattr(ghostkernels, "ghost_conv",
+                        lambda *a, **k: calls.append(1) or ghost_conv(*a, **k))
+    with torch.no_grad():
+        auto = net(x)
+        assert not calls  # CPU input: plain PyTorch convs
+        net.use_fused_ops = False
+        plain = net(x)
+    for a, p in zip(auto, plain):
+        assert torch.equal(a, p)
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="use_fused_ops must be True, False or 'auto'"):
+            net.use_fused_ops = bad
+    with pytest.raises(ValueError, match="needs a folded model"):
+        GhostNetV3(width=0.5).use_fused_ops = "auto"
+
+
 @pytest.mark.gpu
 def test_fused_ops_fp16_channels_last_on_gpu():
     net = _folded_pair(1.0).cuda()

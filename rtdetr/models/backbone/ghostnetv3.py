@@ -5,7 +5,7 @@ Usage::
     net = GhostNetV3(width=1.0, out_indices=(4, 6, 9))   # features at strides 8/16/32
     feats = net(images)             # images: float RGB in [0, 1], NCHW or channels_last
     net.reparameterize()            # eval mode; every branch and conv+BN folded into biased convs
-    feats = net(images)             # now on ghostkernels.ghost_conv / depthwise_conv
+    feats = net(images)             # on ghostkernels.ghost_conv / depthwise_conv for GPU inputs
 
 Images enter in [0, 1]; with ``normalize_input=True`` (default) the ImageNet mean/std that the
 official and timm weights expect is applied inside ``forward`` (not folded into the stem: that
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghostkernels import fold
-from rtdetr.models.backbone.ghostnetv3_blocks import GhostBottleneckV3, make_divisible
+from rtdetr.models.backbone.ghostnetv3_blocks import (FUSED_OPS_MODES, GhostBottleneckV3,
+                                                      make_divisible)
 
 # [kernel, expansion, out, se_ratio, stride] per bottleneck; one inner list per blocks[i] (§2.1)
 STAGES = (
@@ -182,21 +183,25 @@ class GhostNetV3(nn.Module):
     # ------------------------------------------------------------------------------ deployment
 
     @property
-    def use_fused_ops(self) -> bool:
-        """Run the folded model on ghostkernels ops (True) or on plain PyTorch convs (False)."""
+    def use_fused_ops(self):
+        """How the folded model runs: True on the ghostkernels ops, False on plain PyTorch convs,
+        "auto" (the default after ``reparameterize()``) fused for GPU inputs, plain on the CPU."""
         return self._use_fused_ops
 
     @use_fused_ops.setter
-    def use_fused_ops(self, enabled: bool) -> None:
-        if enabled and not self.deployed:
-            raise ValueError("use_fused_ops=True needs a folded model; call reparameterize() first")
-        self._use_fused_ops = bool(enabled)
+    def use_fused_ops(self, mode) -> None:
+        if not any(mode is m or (isinstance(m, str) and mode == m) for m in FUSED_OPS_MODES):
+            raise ValueError(f"use_fused_ops must be True, False or 'auto', got {mode!r}")
+        if mode is not False and not self.deployed:
+            raise ValueError(f"use_fused_ops={mode!r} needs a folded model; call "
+                             f"reparameterize() first")
+        self._use_fused_ops = mode
         for m in self.modules():
             if isinstance(m, GhostBottleneckV3):
-                m.set_fused_ops(self._use_fused_ops)
+                m.set_fused_ops(mode)
 
     @torch.no_grad()
-    def reparameterize(self, use_fused_ops: bool = True, fold_all_bn: bool = True
+    def reparameterize(self, use_fused_ops: bool | str = "auto", fold_all_bn: bool = True
                        ) -> "GhostNetV3":
         """Fold every re-param branch in place and switch to eval mode; returns self.
 

@@ -13,7 +13,9 @@ Training-time structure (spec ghostnetv3.md §1; module names follow the officia
 ``reparameterize()`` folds every branch and every conv+BN pair (including the DFC gate and the
 shortcut, which the official code leaves as conv+BN) into biased convs. Afterwards the forward runs
 on ``ghostkernels.ghost_conv`` / ``ghostkernels.depthwise_conv`` when ``use_fused_ops`` is true,
-or on ``F.conv2d`` with the same folded tensors when it is false. On fused ops the small
+or on ``F.conv2d`` with the same folded tensors when it is false; ``"auto"`` (the default after
+folding) takes the fused ops for tensors on a GPU and plain PyTorch on the CPU, where oneDNN's
+convolutions beat the fused kernels (BENCHMARKS.md). On fused ops the small
 elementwise steps around each Ghost module go into its ``ghost_conv`` call: the DFC gate (computed
 at half resolution, upsampled inside the kernel) as ghost1's ``gate``, the SE excitation as
 ghost2's ``input_scale`` and the shortcut as ghost2's ``residual``.
@@ -37,6 +39,17 @@ def make_divisible(value: float, divisor: int = 4, min_value: int | None = None)
     if rounded < 0.9 * value:
         rounded += divisor
     return rounded
+
+
+FUSED_OPS_MODES = (True, False, "auto")
+
+
+def runs_fused(deployed: bool, mode, x: torch.Tensor) -> bool:
+    """Whether a folded block runs on the ghostkernels ops for input ``x`` (mode: True, False or
+    "auto" = fused on GPUs, plain PyTorch on the CPU)."""
+    if not deployed or mode is False:
+        return False
+    return mode is True or x.device.type != "cpu"
 
 
 def _fused_op(name: str):
@@ -129,7 +142,7 @@ class GhostModuleV3(nn.Module):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """``cat(x1, x2)`` of ``x * input_scale[:, :, None, None]`` (times the DFC gate), plus
         ``residual``; input_scale [B, in_ch] and residual [B, out_ch, H, W] are optional."""
-        if self.deployed and self.use_fused_ops:
+        if runs_fused(self.deployed, self.use_fused_ops, x):
             return self._forward_fused(x, input_scale, residual)
         if input_scale is not None:
             x = x * input_scale[:, :, None, None]
@@ -231,13 +244,14 @@ class GhostBottleneckV3(nn.Module):
             return x
         if not self.deployed:
             return _sum([self.dw_rpr_scale(x)] + [branch(x) for branch in self.dw_rpr_conv])
-        if self.use_fused_ops:
+        if runs_fused(self.deployed, self.use_fused_ops, x):
             return _fused_op("depthwise_conv")(x, self.conv_dw.weight, self.conv_dw.bias,
                                                stride=self.stride)
         return self.conv_dw(x)
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        if (not (self.deployed and self.use_fused_ops) or isinstance(self.shortcut, nn.Identity)
+        if (not runs_fused(self.deployed, self.use_fused_ops, x)
+                or isinstance(self.shortcut, nn.Identity)
                 or not isinstance(self.shortcut[1], nn.Identity)):  # identity / not folded
             return self.shortcut(x)
         dw, pw = self.shortcut[0], self.shortcut[2]  # folded: [dw, Identity, pw, Identity]
@@ -246,7 +260,7 @@ class GhostBottleneckV3(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._depthwise(self.ghost1(x))
-        if self.deployed and self.use_fused_ops:
+        if runs_fused(self.deployed, self.use_fused_ops, x):
             # SE multiply -> ghost2 scales its input as it reads it; shortcut add -> its epilogue
             scale = self.se.excitation(y) if isinstance(self.se, SqueezeExcite) else None
             return self.ghost2(y, input_scale=scale, residual=self._shortcut(x))
@@ -271,5 +285,5 @@ class GhostBottleneckV3(nn.Module):
             fold_sequential_conv_bn(self.shortcut)
         self.deployed = True
 
-    def set_fused_ops(self, enabled: bool) -> None:
+    def set_fused_ops(self, enabled) -> None:  # True, False or "auto"
         self.use_fused_ops = self.ghost1.use_fused_ops = self.ghost2.use_fused_ops = enabled
