@@ -1,0 +1,109 @@
+"""Ahead-of-time compilation of Triton kernel launches for a GPU that is not here.
+
+The Triton interpreter (how CI runs the Triton kernels on the CPU) executes kernels as NumPy code
+and accepts programs that the real compiler rejects (types, layouts, atomics on unsupported
+dtypes, ...). This module closes that gap without a GPU:
+
+- ``record_launches(fn)`` runs ``fn`` with every interpreted kernel launch captured instead of
+  executed, and returns each launch as a plain description (kernel module and name, argument
+  types, constexpr values, num_warps): exactly the specialisations the launchers produce.
+- ``python -m tests.triton_aot FILE`` (run WITHOUT ``TRITON_INTERPRET``, so ``triton.jit`` gives
+  real JIT functions) compiles each described launch with ``triton.compile`` for
+  ``GPUTarget("cuda", 90, 32)`` (H100) down to a cubin with the ptxas that Triton ships, and prints
+  one JSON line per launch: ok, or the compiler's error.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import sys
+import traceback
+
+import torch
+
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+                  torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32",
+                  torch.int8: "*i8", torch.uint8: "*u8", torch.bool: "*i1"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return _POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unsupported kernel argument {value!r}")
+
+
+def describe_launch(kernel, args, kwargs) -> dict:
+    """One interpreted launch ``kernel[grid](*args, **kwargs)`` as a JSON-able description."""
+    import inspect
+    import triton.language as tl
+    fn = kernel.fn
+    params = list(inspect.signature(fn).parameters.values())
+    bound = dict(zip([p.name for p in params], args))
+    bound.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
+    signature, constexprs = {}, {}
+    for p in params:
+        value = bound.get(p.name, p.default)
+        if p.annotation is tl.constexpr or p.annotation == "tl.constexpr":
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = value
+        else:
+            signature[p.name] = _arg_type(value)
+    return {"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
+            "constexprs": constexprs,
+            "options": {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}}
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Within the block every interpreted Triton launch is recorded (appended to the yielded list)
+    and NOT executed; outputs of the launchers are therefore garbage."""
+    from triton.runtime.interpreter import InterpretedFunction
+    launches: list[dict] = []
+    original = InterpretedFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            launches.append(describe_launch(self, args, kwargs))
+
+    InterpretedFunction.run = record
+    try:
+        yield launches
+    finally:
+        InterpretedFunction.run = original
+
+
+def compile_launch(launch: dict) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    source = ASTSource(fn=kernel, signature=launch["signature"], constexprs=launch["constexprs"])
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=launch["options"] or {})
+    return {"ok": True, "cubin_bytes": len(compiled.asm["cubin"])}
+
+
+def main(path: str) -> int:
+    with open(path) as f:
+        launches = json.load(f)
+    for launch in launches:
+        try:
+            result = compile_launch(launch)
+        except Exception as exc:  # noqa: BLE001 - every launch is reported
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-3000:],
+                      "trace": traceback.format_exc()[-2000:]}
+        result["kernel"] = launch["kernel"]
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1]))
