@@ -4,6 +4,10 @@ backend, which is RT-DETR's formulation) at the standard cases of benchmark-prot
     python -m bench.bench_msda                       # GPU if present, else CPU (bs1 only)
     python -m bench.bench_msda --device cpu --cases "rtdetr-dec bs1" --dtypes fp32
     python -m bench.bench_msda --out results/        # also writes msda.md / msda.json
+    python -m bench.bench_msda --modes softmax-fwd     # fused softmax vs softmax + op only
+
+Mode ``softmax-fwd``: ms_deform_attn_softmax (the softmax over the L*P logits inside the kernel)
+against torch's softmax followed by ms_deform_attn, per backend.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import argparse
 import torch
 
 from ghostkernels.benchmark import Row, copy_bandwidth_gbs, machine_description, time_ms, write_outputs
-from ghostkernels import backends, ms_deform_attn, use_backend
+from ghostkernels import backends, ms_deform_attn, ms_deform_attn_softmax, use_backend
 
 DEC_LEVELS = [(80, 80), (40, 40), (20, 20)]
 CASES = {  # name -> (N, levels, Lq); 8 heads x 32 channels, 4 points per level
@@ -56,12 +60,42 @@ def floor_bytes(value, loc, weights, Lq, backward: bool) -> int:
     return 2 * fwd + value.numel() * value.element_size()
 
 
+def softmax_rows(value, shapes, starts, loc, weights, names, device, label, bandwidth):
+    """Forward with the softmax fused into the kernel vs torch softmax + ms_deform_attn."""
+    logits = torch.randn(weights.shape, device=device).to(weights.dtype)
+    N, Lq, _, L, P = logits.shape
+    # the fused op never writes the weights: its floor is the plain forward's
+    floor_ms = floor_bytes(value, loc, logits, Lq, False) / (bandwidth * 1e9) * 1e3
+    rows = []
+    for backend in names:
+        if value.dtype not in backends.implementations("ms_deform_attn")[backend].dtypes:
+            continue
+
+        def fused(backend=backend):
+            with use_backend(backend):
+                ms_deform_attn_softmax(value, shapes, starts, loc, logits)
+
+        def unfused(backend=backend):
+            with use_backend(backend):
+                w = logits.view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
+                ms_deform_attn(value, shapes, starts, loc, w)
+
+        with torch.no_grad():
+            fused_ms, unfused_ms = time_ms(fused, device), time_ms(unfused, device)
+        rows.append(Row("msda-softmax-fwd", label, f"{backend} softmax + op", unfused_ms,
+                        floor_ms))
+        rows.append(Row("msda-softmax-fwd", label, f"{backend} fused softmax", fused_ms, floor_ms,
+                        {"softmax + op": unfused_ms / fused_ms}))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", nargs="*", default=None, help=f"subset of {list(CASES)}")
     parser.add_argument("--dtypes", nargs="*", default=["fp32", "fp16"], choices=list(DTYPES))
-    parser.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd", "softmax-fwd"],
+                        choices=["fwd", "fwd+bwd", "softmax-fwd"])
     parser.add_argument("--out", default=None, help="directory for msda.md and msda.json")
     args = parser.parse_args(argv)
     device = args.device
@@ -78,6 +112,10 @@ def main(argv=None):
             dtype = DTYPES[dname]
             value, shapes, starts, loc, weights = make_case(N, levels, Lq, dtype, device, gen)
             for mode in args.modes:
+                if mode == "softmax-fwd":
+                    rows += softmax_rows(value, shapes, starts, loc, weights, names, device,
+                                         f"{case} {dname}", bandwidth)
+                    continue
                 backward = mode == "fwd+bwd"
                 floor_ms = floor_bytes(value, loc, weights, Lq, backward) / (bandwidth * 1e9) * 1e3
                 results = {}

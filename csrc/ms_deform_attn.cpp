@@ -7,6 +7,12 @@
 // spatial_shapes [L,2] int64 (h, w); level_start_index [L] int64; sampling_locations
 // [N,Lq,M,L,P,2] float64 when T is float64 else float32; attention_weights [N,Lq,M,L,P] dtype T;
 // grad_output [N,Lq,M*D] dtype T.
+//
+// softmax=true: attention_weights holds logits; the kernels apply the softmax over the L*P points of
+// each (n, q, m) in the accumulation dtype (forward), and the backward's third result is the
+// gradient w.r.t. the logits. fixed_point_scale (backward only; a 0-d float64 tensor on value's
+// device): the deterministic mode of the CUDA kernels, which accumulate grad_value in int64 fixed
+// point with that scale; the CPU kernels are deterministic by construction and ignore it.
 #include <torch/library.h>
 
 #include "ms_deform_attn.h"
@@ -87,14 +93,27 @@ void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spat
   }
 }
 
+void check_fixed_point_scale(const std::optional<at::Tensor>& fixed_point_scale,
+                             const at::Tensor& value) {
+  if (!fixed_point_scale.has_value() || !fixed_point_scale->defined()) return;
+  const at::Tensor& scale = *fixed_point_scale;
+  TORCH_CHECK(scale.dim() == 0, "ms_deform_attn: fixed_point_scale must be a 0-d tensor, got shape ",
+              scale.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kDouble,
+              "ms_deform_attn: fixed_point_scale must be float64, got ", scale.scalar_type());
+  TORCH_CHECK(scale.device() == value.device(),
+              "ms_deform_attn: fixed_point_scale must be on value's device (", value.device(),
+              "), got ", scale.device());
+}
+
 }  // namespace ghostkernels
 
 TORCH_LIBRARY_FRAGMENT(ghostkernels_C, m) {
   m.def(
       "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+      "Tensor sampling_locations, Tensor attention_weights, bool softmax=False) -> Tensor");
   m.def(
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
-      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights, "
+      "bool softmax=False, Tensor? fixed_point_scale=None) -> (Tensor, Tensor, Tensor)");
 }

@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace ghostkernels {
 
 // Shape, dtype, device and layout checks; grad_output is checked too when not null.
@@ -13,5 +15,9 @@ void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spat
                                  const at::Tensor& sampling_locations,
                                  const at::Tensor& attention_weights,
                                  const at::Tensor* grad_output);
+
+// The deterministic backward's scale, when given: a 0-d float64 tensor on value's device.
+void check_fixed_point_scale(const std::optional<at::Tensor>& fixed_point_scale,
+                             const at::Tensor& value);
 
 }  // namespace ghostkernels

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from ghostkernels.ops.ms_deform_attn import ms_deform_attn
+from ghostkernels.ops.ms_deform_attn import ms_deform_attn_softmax
 
 
 class MSDeformAttn(nn.Module):
@@ -99,12 +99,12 @@ class MSDeformAttn(nn.Module):
                                  f"got {tuple(input_padding_mask.shape)}")
             value = value.masked_fill(input_padding_mask[..., None].bool(), 0.0)
         value = value.view(N, S, self.n_heads, self.d_model // self.n_heads)
-        weights = self.attention_weights(query).view(N, Lq, self.n_heads,
-                                                     self.n_levels * self.n_points)
-        weights = weights.softmax(-1).view(N, Lq, self.n_heads, self.n_levels, self.n_points)
+        # Unnormalised: the kernel applies the softmax over the n_levels * n_points points.
+        logits = self.attention_weights(query).view(N, Lq, self.n_heads, self.n_levels,
+                                                    self.n_points)
         locations = self.sampling_locations(query, reference_points, input_spatial_shapes)
         if locations.dtype != value.dtype and locations.dtype != torch.float32:
             locations = locations.to(value.dtype)
-        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations,
-                             weights.to(value.dtype))
+        out = ms_deform_attn_softmax(value, input_spatial_shapes, input_level_start_index,
+                                     locations, logits.to(value.dtype))
         return self.output_proj(out)

@@ -13,6 +13,7 @@ import torch
 from ghostkernels.reference import depthwise_conv as depthwise_ref
 from ghostkernels.reference import ghost_conv as ghost_ref
 from ghostkernels.reference import ms_deform_attn as msda_ref
+from ghostkernels.ops.ms_deform_attn import fixed_point_scale
 from tests.backend_params import TOLERANCE
 from tests.cuda_emulation import build
 from tests.cuda_emulation.kernels import EmulatedKernels, EmulationError
@@ -122,24 +123,31 @@ def msda_inputs(dtype, D, shapes=((5, 7), (3, 4)), N=2, M=2, Lq=5, P=4, loc_rang
     return value, shapes_t, starts, loc.to(acc_dtype(dtype)), weights
 
 
-def check_msda(emu, inputs, *, arch=900, offset=0, forward_only=False):
+def check_msda(emu, inputs, *, arch=900, offset=0, forward_only=False, softmax=False,
+               fixed_point=False):
     """Emulated forward and backward against the float64 reference on the same (rounded) inputs:
     the output within the dtype's forward tolerance; the gradients, which the kernel returns in
-    the accumulation dtype, within that dtype's tolerance."""
+    the accumulation dtype, within that dtype's tolerance. ``softmax``: the weights are logits
+    (softmax fused into the kernel); ``fixed_point``: the deterministic grad_value path with the
+    scale the op layer would pass."""
     value, shapes, starts, loc, weights = inputs
     exact = (value.double(), shapes, starts, loc.double(), weights.double())
-    out = emu.msda_forward(*inputs, arch=arch, offset=offset)
-    ref = msda_ref.forward(*exact)
+    out = emu.msda_forward(*inputs, arch=arch, offset=offset, softmax=softmax)
+    ref = msda_ref.forward(*exact, softmax=softmax)
     assert out.dtype == value.dtype and not out.isnan().any()
     assert rel_err(out, ref) < TOLERANCE[value.dtype][0]
     if forward_only:
         return
     grad_out = torch.randn(ref.shape, dtype=torch.float64).to(value.dtype)
-    grads = emu.msda_backward(grad_out, *inputs, arch=arch, offset=offset)
-    ref_grads = msda_ref.backward(grad_out.double(), *exact)
+    scale = (fixed_point_scale(grad_out, weights, loc.shape[1], loc.shape[4], softmax)
+             if fixed_point else None)
+    grads = emu.msda_backward(grad_out, *inputs, arch=arch, offset=offset, softmax=softmax,
+                              fixed_point_scale=scale)
+    ref_grads = msda_ref.backward(grad_out.double(), *exact, softmax=softmax)
     for name, got, want in zip(("value", "locations", "weights"), grads, ref_grads):
         assert got.dtype == acc_dtype(value.dtype)
         assert rel_err(got, want) < TOLERANCE[acc_dtype(value.dtype)][1], name
+    return grads
 
 
 # (dtype, D): the launcher's vector width (elements per lane access, <= 16 bytes, dividing D)
@@ -221,6 +229,50 @@ def test_msda_skips_levels_inconsistent_with_value(emu):
     out = emu.msda_forward(value, shapes, starts, loc4, weights4)
     ref = msda_ref.forward(value.double(), shapes[:2], starts[:2], loc.double(), weights.double())
     assert rel_err(out, ref) < TOLERANCE[torch.float32][0]
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.float64, 4), (torch.float32, 8), (torch.float16, 8),
+                                     (torch.bfloat16, 3)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_msda_fused_softmax_matches_reference(emu, dtype, D):
+    value, shapes, starts, loc, logits = msda_inputs(dtype, D)
+    logits = (torch.randn(logits.shape, dtype=torch.float64) * 4).to(dtype)
+    check_msda(emu, (value, shapes, starts, loc, logits), softmax=True)
+
+
+def test_msda_fused_softmax_large_logits_and_more_points_than_lanes(emu):
+    # float32, D = 64: 16 lanes; L * P = 2 * 20 = 40 logits, several per lane; logits of +-(58..60)
+    # overflow exp() unless the maximum is subtracted first. (Logits spread over a much wider range
+    # make the softmax nearly one-hot, and its float32 backward ill-conditioned in any kernel.)
+    value, shapes, starts, loc, logits = msda_inputs(torch.float32, 64, N=1, M=2, Lq=3, P=20)
+    signs = torch.randint(0, 2, logits.shape) * 2 - 1
+    logits = signs * (58.0 + 2.0 * torch.rand(logits.shape))
+    check_msda(emu, (value, shapes, starts, loc, logits), softmax=True)
+
+
+def test_msda_fused_softmax_single_point_has_zero_logit_gradient(emu):
+    value, shapes, starts, loc, logits = msda_inputs(torch.float32, 8, shapes=((4, 5),), P=1)
+    grads = check_msda(emu, (value, shapes, starts, loc, logits), softmax=True)
+    assert torch.equal(grads[2], torch.zeros_like(grads[2]))
+
+
+@pytest.mark.parametrize("arch", [800, 900])
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("dtype,D", [(torch.float64, 4), (torch.float32, 8), (torch.float16, 8),
+                                     (torch.bfloat16, 2)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_msda_fixed_point_backward(emu, dtype, D, softmax, arch):
+    """The deterministic path: grad_value from int64 fixed-point sums, the other gradients
+    bitwise those of the float path. Many queries sample a 2x2 map, so pixels collide."""
+    inputs = msda_inputs(dtype, D, shapes=((2, 2), (1, 3)), Lq=12)
+    seed = int(torch.randint(2**31, ()))  # the same grad_out for every run
+    runs = []
+    for fixed_point in (True, True, False):
+        torch.manual_seed(seed)
+        runs.append(check_msda(emu, inputs, arch=arch, softmax=softmax, fixed_point=fixed_point))
+    fixed, again, plain = runs
+    assert all(torch.equal(a, b) for a, b in zip(fixed, again))
+    assert torch.equal(fixed[1], plain[1]) and torch.equal(fixed[2], plain[2])
 
 
 # ------------------------------------------------------------------------------------------------

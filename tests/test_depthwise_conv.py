@@ -135,9 +135,10 @@ def test_gradients_match_definition(backend, dtype, name, _fresh_seed):
     *_, stride, cl, act = cfg
     args = make_inputs(*cfg, dtype=dtype, device=device)
     inputs = [t.detach().requires_grad_() for t in args]
-    out = run(backend, *inputs, stride, act)
-    grad_out = torch.randn(out.shape, dtype=torch.float64)
-    grads = torch.autograd.grad(out, inputs, grad_out.to(device=device, dtype=dtype))
+    with use_backend(backend):  # the backward resolves its backend when it runs
+        out = run(backend, *inputs, stride, act)
+        grad_out = torch.randn(out.shape, dtype=torch.float64)
+        grads = torch.autograd.grad(out, inputs, grad_out.to(device=device, dtype=dtype))
     ref_inputs = [t.detach().double().cpu().requires_grad_() for t in args]
     ref_grads = torch.autograd.grad(plain_depthwise(*ref_inputs, stride, act), ref_inputs,
                                     grad_out)

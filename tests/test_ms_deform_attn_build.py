@@ -40,8 +40,10 @@ def kernel_args(N, shapes, M, D, Lq, P, dtype, device="cpu"):
 def test_schemas_and_dispatch_keys(ops):
     assert str(ops.ms_deform_attn_forward.default._schema) == (
         "ghostkernels_C::ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, "
-        "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) -> Tensor")
+        "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights, "
+        "bool softmax=False) -> Tensor")
     assert str(ops.ms_deform_attn_backward.default._schema).endswith(
+        "Tensor attention_weights, bool softmax=False, Tensor? fixed_point_scale=None) "
         "-> (Tensor, Tensor, Tensor)")
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     assert has(FWD, "CPU") and has(BWD, "CPU")

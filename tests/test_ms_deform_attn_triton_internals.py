@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ghostkernels
+from ghostkernels.ops.ms_deform_attn import fixed_point_scale
 from ghostkernels.reference import ms_deform_attn as reference
 from ghostkernels.triton import ms_deform_attn as tms
 
@@ -39,25 +40,32 @@ def random_problem(N, Lq, M, D, shapes, P, dtype):
     return value, shapes, starts, loc, weights
 
 
-def reference64(value, shapes, starts, loc, weights, grad_out):
+def reference64(value, shapes, starts, loc, weights, grad_out, softmax=False):
     args = (value.double(), shapes, starts, loc.double(), weights.double())
-    return (reference.forward(*args), *reference.backward(grad_out.double(), *args))
+    return (reference.forward(*args, softmax=softmax),
+            *reference.backward(grad_out.double(), *args, softmax=softmax))
 
 
-def assert_matches(value, shapes, starts, loc, weights, fwd_config=None, bwd_config=None):
+def assert_matches(value, shapes, starts, loc, weights, fwd_config=None, bwd_config=None,
+                   softmax=False, fixed_point=False):
+    """Triton forward and backward against the float64 reference; ``softmax``: the weights are
+    logits; ``fixed_point``: grad_value through the deterministic int64 path."""
     if fwd_config is None:
-        out = tms.forward(value, shapes, starts, loc, weights)
+        out = tms.forward(value, shapes, starts, loc, weights, softmax=softmax)
     else:
-        out = tms._launch_forward(value, shapes, starts, loc, weights, fwd_config)
+        out = tms._launch_forward(value, shapes, starts, loc, weights, fwd_config, softmax)
     grad_out = torch.randn(out.shape, device=DEVICE).to(value.dtype)
+    scale = (fixed_point_scale(grad_out, weights, loc.shape[1], loc.shape[4], softmax)
+             if fixed_point else None)
     if bwd_config is None:
-        grads = tms.backward(grad_out, value, shapes, starts, loc, weights)
+        grads = tms.backward(grad_out, value, shapes, starts, loc, weights, softmax, scale)
     else:
-        grads = tms._launch_backward(grad_out, value, shapes, starts, loc, weights, bwd_config)
+        grads = tms._launch_backward(grad_out, value, shapes, starts, loc, weights, bwd_config,
+                                     softmax, scale)
     assert out.dtype == value.dtype and out.shape == (value.shape[0], loc.shape[1],
                                                       value.shape[2] * value.shape[3])
     fwd_tol, grad_tol = TOL[value.dtype]
-    expected = reference64(value, shapes, starts, loc, weights, grad_out)
+    expected = reference64(value, shapes, starts, loc, weights, grad_out, softmax)
     names = ("out", "grad_value", "grad_sampling_locations", "grad_attention_weights")
     for name, got, ref, tol in zip(names, (out, *grads), expected, (fwd_tol,) + (grad_tol,) * 3):
         assert got.shape == ref.shape, name
@@ -104,6 +112,18 @@ def test_partial_query_blocks_and_channel_chunks():
     assert_matches(*problem, fwd_config=config, bwd_config=config)
 
 
+@pytest.mark.parametrize("softmax,fixed_point", [(True, False), (False, True), (True, True)])
+def test_softmax_and_fixed_point_over_partial_blocks_and_chunks(softmax, fixed_point):
+    """The softmax passes (stats, then the logit-gradient pass after the barrier) and the int64
+    grad_value on the same multi-block layout: partial query block, D split / chunked."""
+    value, shapes, starts, loc, weights = random_problem(2, 3, 2, 6, [(3, 4), (2, 2)], 3,
+                                                         torch.float32)
+    logits = torch.randn(weights.shape, device=DEVICE) * 3.0 if softmax else weights
+    config = tms.LaunchConfig(block_q=2, block_d=4, num_warps=1)
+    assert_matches(value, shapes, starts, loc, logits, fwd_config=config, bwd_config=config,
+                   softmax=softmax, fixed_point=fixed_point)
+
+
 @pytest.mark.parametrize("N,Lq,M,D,shapes,P,dtype", [
     (1, 1, 1, 1, [(1, 1)], 1, torch.float32),  # Lq=1, D=1, a 1x1 level
     (1, 2, 1, 5, [(1, 1), (2, 3), (5, 1), (1, 4), (3, 3)], 8, torch.float32),  # L=5, P=8
@@ -144,10 +164,10 @@ def test_points_exactly_on_borders_corners_and_outside():
 def test_public_op_forward_and_backward_run_on_triton(dtype):
     value, shapes, starts, loc, weights = random_problem(2, 3, 2, 5, [(4, 5), (2, 3)], 3, dtype)
     inputs = [t.clone().requires_grad_() for t in (value, loc, weights)]
-    with ghostkernels.use_backend("triton"):
+    grad_out = torch.randn(value.shape[0], 3, 10, device=DEVICE).to(dtype)
+    with ghostkernels.use_backend("triton"):  # the backward resolves its backend when it runs
         out = ghostkernels.ms_deform_attn(inputs[0], shapes, starts, inputs[1], inputs[2])
-    grad_out = torch.randn(out.shape, device=DEVICE).to(dtype)
-    out.backward(grad_out)
+        out.backward(grad_out)
     expected = reference64(value, shapes, starts, loc, weights, grad_out)
     fwd_tol, grad_tol = TOL[dtype]
     assert out.dtype == dtype and rel(out, expected[0]) < fwd_tol

@@ -34,8 +34,12 @@ def _msda_launches():
             loc = torch.rand(1, 7, 2, 2, 4, 2)
             attn = torch.rand(1, 7, 2, 2, 4).to(dtype)
             grad = torch.randn(1, 7, 2 * D).to(dtype)
-            msda.forward(value, shapes, starts, loc, attn)
-            msda.backward(grad, value, shapes, starts, loc, attn)
+            scale = torch.tensor(2.0**40, dtype=torch.float64)
+            for softmax in (False, True):
+                msda.forward(value, shapes, starts, loc, attn, softmax=softmax)
+                for fixed_point_scale in (None, scale):
+                    msda.backward(grad, value, shapes, starts, loc, attn, softmax=softmax,
+                                  fixed_point_scale=fixed_point_scale)
 
 
 def _ghost_launches():

@@ -51,7 +51,7 @@ def describe_launch(kernel, args, kwargs) -> dict:
     signature, constexprs = {}, {}
     for p in params:
         value = bound.get(p.name, p.default)
-        if p.annotation is tl.constexpr or p.annotation == "tl.constexpr":
+        if p.annotation is tl.constexpr or p.annotation == "tl.constexpr" or value is None:
             signature[p.name] = "constexpr"
             constexprs[p.name] = value
         else:

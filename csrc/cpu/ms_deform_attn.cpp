@@ -5,9 +5,14 @@
 // padding outside the map: exactly grid_sample(bilinear, zeros, align_corners=False). Half types
 // are accumulated in float, float64 in double.
 //
+// softmax=true: attention_weights holds logits; each (n, q, m) turns its L*P logits into weights
+// (subtract the max, exp, divide by the sum, in the accumulation type) before sampling, and the
+// backward maps the gradient g w.r.t. the weights to the logits: w * (g - sum_k w_k g_k).
+//
 // Parallelism: forward over (n, q) blocks; backward over (n, head) pairs. Every (n, head) pair owns
 // its slice grad_value[n, :, m, :] and the grad_loc/grad_attn entries of its queries, so the
-// backward has no races and sums in a fixed order: it is deterministic.
+// backward has no races and sums in a fixed order: it is deterministic by construction, which is
+// why the CPU backward accepts and ignores fixed_point_scale (the CUDA kernels' deterministic mode).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,6 +22,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -88,26 +95,44 @@ Point<acc_t> locate(acc_t loc_x, acc_t loc_y, const Level& lv) {
   return p;
 }
 
+// The attention weights of one (n, q, m): the raw values, or the softmax of the logits over its
+// count = L*P points (max subtracted first, so large logits cannot overflow; a NaN logit makes all
+// weights NaN, as torch.softmax does).
+template <typename scalar_t, typename acc_t>
+void group_weights(const scalar_t* attn, int64_t count, bool softmax, acc_t* w) {
+  for (int64_t i = 0; i < count; ++i) w[i] = static_cast<acc_t>(attn[i]);
+  if (!softmax) return;
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t i = 0; i < count; ++i) max = std::fmax(max, w[i]);
+  acc_t sum = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    w[i] = std::exp(w[i] - max);
+    sum += w[i];
+  }
+  for (int64_t i = 0; i < count; ++i) w[i] /= sum;
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const scalar_t* value, const std::vector<Level>& levels, const acc_t* loc,
-                    const scalar_t* attn, scalar_t* out, int64_t N, int64_t S, int64_t M, int64_t D,
-                    int64_t Lq, int64_t P) {
+                    const scalar_t* attn, bool softmax, scalar_t* out, int64_t N, int64_t S,
+                    int64_t M, int64_t D, int64_t Lq, int64_t P) {
   const int64_t L = static_cast<int64_t>(levels.size());
   const int64_t work_per_query = std::max<int64_t>(1, M * L * P * D);
   const int64_t grain = std::max<int64_t>(1, 16384 / work_per_query);
   at::parallel_for(0, N * Lq, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(D);
+    std::vector<acc_t> acc(D), weights(L * P);
     for (int64_t nq = begin; nq < end; ++nq) {
       const int64_t n = nq / Lq;
       for (int64_t m = 0; m < M; ++m) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
         const int64_t group = nq * M + m;  // (n, q, m) in loc/attn order
+        group_weights(attn + group * L * P, L * P, softmax, weights.data());
         for (int64_t l = 0; l < L; ++l) {
           for (int64_t p = 0; p < P; ++p) {
             const int64_t pt = (group * L + l) * P + p;
             const Point<acc_t> pnt = locate(loc[2 * pt], loc[2 * pt + 1], levels[l]);
             if (!pnt.any) continue;
-            const acc_t a = static_cast<acc_t>(attn[pt]);
+            const acc_t a = weights[l * P + p];
             for (int k = 0; k < 4; ++k) {
               if (pnt.corner[k] < 0) continue;
               const acc_t w = a * pnt.weight(k);
@@ -125,17 +150,19 @@ void forward_kernel(const scalar_t* value, const std::vector<Level>& levels, con
 
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const std::vector<Level>& levels,
-                     const acc_t* loc, const scalar_t* attn, acc_t* grad_value, acc_t* grad_loc,
-                     acc_t* grad_attn, int64_t N, int64_t S, int64_t M, int64_t D, int64_t Lq,
-                     int64_t P) {
+                     const acc_t* loc, const scalar_t* attn, bool softmax, acc_t* grad_value,
+                     acc_t* grad_loc, acc_t* grad_attn, int64_t N, int64_t S, int64_t M, int64_t D,
+                     int64_t Lq, int64_t P) {
   const int64_t L = static_cast<int64_t>(levels.size());
   at::parallel_for(0, N * M, 1, [&](int64_t begin, int64_t end) {
     const std::vector<scalar_t> zero_row(D, scalar_t(0));
+    std::vector<acc_t> weights(L * P);
     for (int64_t nm = begin; nm < end; ++nm) {
       const int64_t n = nm / M, m = nm % M;
       for (int64_t q = 0; q < Lq; ++q) {
         const int64_t group = (n * Lq + q) * M + m;
         const scalar_t* go = grad_out + group * D;
+        group_weights(attn + group * L * P, L * P, softmax, weights.data());
         for (int64_t l = 0; l < L; ++l) {
           const Level& lv = levels[l];
           for (int64_t p = 0; p < P; ++p) {
@@ -143,7 +170,7 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const std:
             const Point<acc_t> pnt = locate(loc[2 * pt], loc[2 * pt + 1], lv);
             grad_loc[2 * pt] = grad_loc[2 * pt + 1] = grad_attn[pt] = acc_t(0);
             if (!pnt.any) continue;
-            const acc_t a = static_cast<acc_t>(attn[pt]);
+            const acc_t a = weights[l * P + p];
             const scalar_t* v[4];
             acc_t w[4];
             for (int k = 0; k < 4; ++k) {
@@ -172,6 +199,12 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const std:
             grad_loc[2 * pt + 1] = a * static_cast<acc_t>(lv.h) * g_ly;
           }
         }
+        if (softmax) {  // grad_attn holds g (w.r.t. the weights): map it to the logits
+          acc_t* g = grad_attn + group * L * P;
+          acc_t dot = 0;
+          for (int64_t i = 0; i < L * P; ++i) dot += weights[i] * g[i];
+          for (int64_t i = 0; i < L * P; ++i) g[i] = weights[i] * (g[i] - dot);
+        }
       }
     }
   });
@@ -184,7 +217,7 @@ at::ScalarType accumulation_type(at::ScalarType t) {
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index,
                                       const at::Tensor& sampling_locations,
-                                      const at::Tensor& attention_weights) {
+                                      const at::Tensor& attention_weights, bool softmax) {
   check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                               attention_weights, nullptr);
   const int64_t N = value.size(0), S = value.size(1), M = value.size(2), D = value.size(3);
@@ -197,7 +230,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
     using acc_t = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t, acc_t>(value.const_data_ptr<scalar_t>(), levels,
                                     sampling_locations.const_data_ptr<acc_t>(),
-                                    attention_weights.const_data_ptr<scalar_t>(),
+                                    attention_weights.const_data_ptr<scalar_t>(), softmax,
                                     out.mutable_data_ptr<scalar_t>(), N, S, M, D, Lq, P);
   });
   return out;
@@ -206,9 +239,12 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights) {
+    const at::Tensor& attention_weights, bool softmax,
+    const std::optional<at::Tensor>& fixed_point_scale) {
   check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                               attention_weights, &grad_output);
+  // Checked for a clear error on misuse, then ignored: this backward is deterministic as it is.
+  check_fixed_point_scale(fixed_point_scale, value);
   const int64_t N = value.size(0), S = value.size(1), M = value.size(2), D = value.size(3);
   const int64_t Lq = sampling_locations.size(1), P = sampling_locations.size(4);
   const std::vector<Level> levels = read_levels(spatial_shapes, level_start_index, S);
@@ -224,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     backward_kernel<scalar_t, acc_t>(
         grad_output.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(), levels,
         sampling_locations.const_data_ptr<acc_t>(), attention_weights.const_data_ptr<scalar_t>(),
-        grad_value.mutable_data_ptr<acc_t>(), grad_loc.mutable_data_ptr<acc_t>(),
+        softmax, grad_value.mutable_data_ptr<acc_t>(), grad_loc.mutable_data_ptr<acc_t>(),
         grad_attn.mutable_data_ptr<acc_t>(), N, S, M, D, Lq, P);
   });
   return {grad_value, grad_loc, grad_attn};

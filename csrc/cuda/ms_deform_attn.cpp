@@ -1,6 +1,7 @@
 // Multi-scale deformable attention, CUDA host side: checks the tensors, allocates the outputs and
 // launches the torch-free kernels of ms_deform_attn_kernel.cu on the current stream. No host
-// synchronisation (capturable in a CUDA graph); the level metadata stay on the device.
+// synchronisation (capturable in a CUDA graph); the level metadata and the fixed-point scale stay
+// on the device.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -8,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "cuda/ms_deform_attn_kernel.h"
@@ -47,7 +49,7 @@ void check_launch(cudaError_t err, const char* what) {
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                        const at::Tensor& level_start_index,
                                        const at::Tensor& sampling_locations,
-                                       const at::Tensor& attention_weights) {
+                                       const at::Tensor& attention_weights, bool softmax) {
   check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                               attention_weights, nullptr);
   TORCH_CHECK(value.is_cuda(), "ms_deform_attn (CUDA): value must be a CUDA tensor");
@@ -59,8 +61,8 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
                                   spatial_shapes.const_data_ptr<int64_t>(),
                                   level_start_index.const_data_ptr<int64_t>(),
                                   sampling_locations.const_data_ptr(),
-                                  attention_weights.const_data_ptr(), out.mutable_data_ptr(),
-                                  c10::cuda::getCurrentCUDAStream().stream()),
+                                  attention_weights.const_data_ptr(), softmax,
+                                  out.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
                "forward");
   return out;
 }
@@ -68,9 +70,11 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights) {
+    const at::Tensor& attention_weights, bool softmax,
+    const std::optional<at::Tensor>& fixed_point_scale) {
   check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                               attention_weights, &grad_output);
+  check_fixed_point_scale(fixed_point_scale, value);
   TORCH_CHECK(value.is_cuda(), "ms_deform_attn (CUDA): value must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(value.device());
   const msda_cuda::Sizes sz = sizes_of(value, sampling_locations);
@@ -78,19 +82,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   // the op layer casts them to the input dtypes.
   const auto acc_dtype = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_options = value.options().dtype(acc_dtype);
-  at::Tensor grad_value = at::zeros(value.sizes(), acc_options);
   at::Tensor grad_loc = at::zeros(sampling_locations.sizes(), acc_options);
   at::Tensor grad_attn = at::zeros(attention_weights.sizes(), acc_options);
-  if (grad_loc.numel() == 0 || value.numel() == 0) return {grad_value, grad_loc, grad_attn};
+  if (grad_loc.numel() == 0 || value.numel() == 0)
+    return {at::zeros(value.sizes(), acc_options), grad_loc, grad_attn};
+  // Deterministic mode: grad_value is summed in int64 fixed point (integer atomics), then scaled
+  // back in float64 on the stream: sum / scale, cast to the accumulation dtype.
+  const bool fixed_point = fixed_point_scale.has_value() && fixed_point_scale->defined();
+  at::Tensor grad_value_sum =
+      at::zeros(value.sizes(), fixed_point ? value.options().dtype(at::kLong) : acc_options);
   check_launch(msda_cuda::backward(value_type(value.scalar_type()), sz,
                                    grad_output.const_data_ptr(), value.const_data_ptr(),
                                    spatial_shapes.const_data_ptr<int64_t>(),
                                    level_start_index.const_data_ptr<int64_t>(),
                                    sampling_locations.const_data_ptr(),
-                                   attention_weights.const_data_ptr(), grad_value.mutable_data_ptr(),
-                                   grad_loc.mutable_data_ptr(), grad_attn.mutable_data_ptr(),
+                                   attention_weights.const_data_ptr(), softmax,
+                                   fixed_point ? fixed_point_scale->const_data_ptr<double>() : nullptr,
+                                   grad_value_sum.mutable_data_ptr(), grad_loc.mutable_data_ptr(),
+                                   grad_attn.mutable_data_ptr(),
                                    c10::cuda::getCurrentCUDAStream().stream()),
                "backward");
+  if (!fixed_point) return {grad_value_sum, grad_loc, grad_attn};
+  at::Tensor grad_value = grad_value_sum.to(at::kDouble).div_(*fixed_point_scale).to(acc_dtype);
   return {grad_value, grad_loc, grad_attn};
 }
 

@@ -14,7 +14,17 @@
 // corners outside the map read as zero. Accumulation in float (double for float64 values);
 // 64-bit offsets throughout. Backward: grad_loc/grad_attn are reduced over the group's lanes with
 // xor-shuffles and written by the point's owner lane (no atomics); grad_value is accumulated with
-// atomicAdd into a float (double) buffer, vector atomics on sm_90.
+// atomicAdd into a float (double) buffer, vector atomics on sm_90 -- or, in the deterministic mode,
+// into an int64 fixed-point buffer with integer atomics (see FixedPointAdd).
+//
+// Softmax fusion (softmax = true, a template parameter of the kernels so that the plain path
+// compiles as before; attention_weights holds logits). Forward and backward start each
+// group with a pre-pass over its L*P logits: every lane reads a strided subset, the group reduces the
+// max and then the sum of exp(logit - max) with xor-shuffles; the owner lane of a point then uses
+// the weight w = exp(logit - max) * (1 / sum). The backward first accumulates g (the gradient w.r.t. w)
+// into grad_attn exactly as without softmax, then, after all chunk iterations, a post-pass in which
+// each owner lane re-reads its own points' g (written by the same thread, so visible), the group
+// reduces dot = sum_k w_k g_k and the owner writes w * (g - dot).
 #include "ms_deform_attn_kernel.h"
 
 #include <cuda_bf16.h>
@@ -89,6 +99,41 @@ __device__ __forceinline__ void atomic_add_pack(double* dst, const double (&v)[V
 #pragma unroll
   for (int i = 0; i < VEC; ++i) atomicAdd(dst + i, v[i]);
 }
+
+// How the backward adds a contribution c to grad_value. Both policies are built inside the kernel
+// from the `fixed_point_scale` pointer (ignored by FloatAdd).
+
+// The fast path: float (double) atomics; the summation order, hence the last bits, vary per run.
+template <typename A>
+struct FloatAdd {
+  using Slot = A;
+  __device__ explicit FloatAdd(const double*) {}
+  template <int VEC>
+  __device__ __forceinline__ void add(Slot* dst, const A (&c)[VEC]) const {
+    atomic_add_pack<VEC>(dst, c);
+  }
+};
+
+// The deterministic path: q = llrint(c * scale) added to an int64 slot by an integer atomic
+// (two's complement addition wraps, so the unsigned atomic is a signed add). Integer addition is
+// associative: the sum, and grad_value = sum / scale computed afterwards, do not depend on the
+// order of the atomics. scale is a power of two chosen by the caller so that no partial sum leaves
+// int64; the product is formed in double for every value type (exact: c is a float or double and
+// scale a power of two; a float product could overflow for a huge scale, i.e. tiny gradients).
+template <typename A>
+struct FixedPointAdd {
+  using Slot = unsigned long long;
+  double scale;
+  __device__ explicit FixedPointAdd(const double* fixed_point_scale) : scale(*fixed_point_scale) {}
+  template <int VEC>
+  __device__ __forceinline__ void add(Slot* dst, const A (&c)[VEC]) const {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const long long q = llrint(static_cast<double>(c[i]) * scale);
+      atomicAdd(dst + i, static_cast<unsigned long long>(q));
+    }
+  }
+};
 
 // ------------------------------------------------------------------------------------------------
 // Level table and sampling points
@@ -168,6 +213,54 @@ __device__ __forceinline__ A group_sum(A v, int lanes) {
   return v;
 }
 
+template <typename A>
+__device__ __forceinline__ A group_max(A v, int lanes) {
+  for (int offset = lanes >> 1; offset > 0; offset >>= 1)
+    v = fmax(v, __shfl_xor_sync(kFullMask, v, offset, lanes));
+  return v;
+}
+
+// Softmax statistics of one group's L*P logits, the same in every lane of the group. kOn = false:
+// the attention weights are used as they are (and the kernels compile as without softmax fusion).
+template <typename A, bool kOn>
+struct Softmax {
+  A max, inv_sum;  // 1 / sum of exp(logit - max): one division per group, not per point
+
+  // The weight of a point from its raw attention value.
+  __device__ __forceinline__ A weight(A raw) const {
+    if constexpr (kOn)
+      return exp(raw - max) * inv_sum;
+    else
+      return raw;
+  }
+};
+
+// The pre-pass (count >= 1): lane i reads logits i, i + lanes, ...; max first (subtracted so that
+// large logits cannot overflow; every lane starts from logit 0, a broadcast read), then the sum of
+// exp. fmax ignores NaN, but a NaN logit then makes the sum and
+// so every weight of the group NaN, as torch.softmax does. All lanes (also those of an inactive
+// group) take part in the shuffles; the loops without shuffles may have per-lane trip counts.
+template <typename T, typename A, bool kOn>
+__device__ __forceinline__ Softmax<A, kOn> softmax_stats(const T* logits, int64_t count,
+                                                         bool active, int lane, int lanes) {
+  Softmax<A, kOn> st;
+  st.max = A(0);
+  st.inv_sum = A(1);
+  if constexpr (kOn) {
+    A max = A(0);
+    if (active) {
+      max = to_acc(logits[0]);
+      for (int64_t i = lane; i < count; i += lanes) max = fmax(max, to_acc(logits[i]));
+    }
+    st.max = group_max(max, lanes);
+    A sum = A(0);
+    if (active)
+      for (int64_t i = lane; i < count; i += lanes) sum += exp(to_acc(logits[i]) - st.max);
+    st.inv_sum = A(1) / group_sum(sum, lanes);
+  }
+  return st;
+}
+
 // acc += weight * value[corner, this lane's channels]
 template <typename T, int VEC, typename A>
 __device__ __forceinline__ void add_corner(A (&acc)[VEC], A weight, const T* corner) {
@@ -186,7 +279,7 @@ struct Layout {
 // ------------------------------------------------------------------------------------------------
 // Kernels
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool kSoftmax>
 __global__ void __launch_bounds__(kThreads)
 forward_kernel(const T* __restrict__ value, const int64_t* __restrict__ spatial_shapes,
                const int64_t* __restrict__ level_start_index,
@@ -210,6 +303,8 @@ forward_kernel(const T* __restrict__ value, const int64_t* __restrict__ spatial_
     const bool active = g < groups;
     const int64_t n = g / (sz.Lq * sz.M), m = g % sz.M;
     const T* value_nm = value + (n * sz.S * sz.M + m) * sz.D;
+    const Softmax<A, kSoftmax> sm =
+        softmax_stats<T, A, kSoftmax>(attn + g * sz.L * sz.P, sz.L * sz.P, active, lane, lanes);
     for (int k = 0; k < lay.chunk_iters; ++k) {
       const int64_t chunk = static_cast<int64_t>(k) * lanes + lane;
       const bool has_chunk = active && chunk < chunks;
@@ -224,7 +319,7 @@ forward_kernel(const T* __restrict__ value, const int64_t* __restrict__ spatial_
           const int64_t p = p0 + lane;
           if (active && p < sz.P) {
             const int64_t pt = (g * sz.L + l) * sz.P + p;
-            mine = locate<A>(loc[2 * pt], loc[2 * pt + 1], to_acc(attn[pt]), h, w, start);
+            mine = locate<A>(loc[2 * pt], loc[2 * pt + 1], sm.weight(to_acc(attn[pt])), h, w, start);
           }
           const int count = static_cast<int>(sz.P - p0 < lanes ? sz.P - p0 : lanes);
           for (int j = 0; j < count; ++j) {
@@ -245,18 +340,20 @@ forward_kernel(const T* __restrict__ value, const int64_t* __restrict__ spatial_
   }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool kSoftmax, typename Add>
 __global__ void __launch_bounds__(kThreads)
 backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ value,
                 const int64_t* __restrict__ spatial_shapes,
                 const int64_t* __restrict__ level_start_index,
                 const typename AccOf<T>::type* __restrict__ loc, const T* __restrict__ attn,
-                typename AccOf<T>::type* __restrict__ grad_value,
+                const double* __restrict__ fixed_point_scale,
+                typename Add::Slot* __restrict__ grad_value,
                 typename AccOf<T>::type* __restrict__ grad_loc,
                 typename AccOf<T>::type* __restrict__ grad_attn, Sizes sz, Layout lay) {
   using A = typename AccOf<T>::type;
   extern __shared__ int64_t levels[];
   load_levels(spatial_shapes, level_start_index, sz.L, sz.S, levels);
+  const Add add_to_grad_value(fixed_point_scale);
 
   const int lanes = lay.lanes;
   const int lane = threadIdx.x & (lanes - 1);
@@ -264,6 +361,7 @@ backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ value,
   const int64_t groups = sz.N * sz.Lq * sz.M;
   const int64_t chunks = sz.D / VEC;
   const int64_t row_stride = sz.M * sz.D;
+  const int64_t points = sz.L * sz.P;  // per group
 
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * groups_per_block; base < groups;
        base += static_cast<int64_t>(gridDim.x) * groups_per_block) {
@@ -271,6 +369,8 @@ backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ value,
     const bool active = g < groups;
     const int64_t n = g / (sz.Lq * sz.M), m = g % sz.M;
     const int64_t nm_offset = (n * sz.S * sz.M + m) * sz.D;  // value[n, 0, m, 0]
+    const Softmax<A, kSoftmax> sm =
+        softmax_stats<T, A, kSoftmax>(attn + g * points, points, active, lane, lanes);
     for (int k = 0; k < lay.chunk_iters; ++k) {
       const int64_t chunk = static_cast<int64_t>(k) * lanes + lane;
       const bool has_chunk = active && chunk < chunks;
@@ -286,7 +386,8 @@ backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ value,
           const int64_t p = p0 + lane;
           const int64_t my_pt = (g * sz.L + l) * sz.P + p;
           if (active && p < sz.P)
-            mine = locate<A>(loc[2 * my_pt], loc[2 * my_pt + 1], to_acc(attn[my_pt]), h, w, start);
+            mine = locate<A>(loc[2 * my_pt], loc[2 * my_pt + 1], sm.weight(to_acc(attn[my_pt])), h,
+                             w, start);
           A my_g_attn = A(0), my_g_lx = A(0), my_g_ly = A(0);
           const int count = static_cast<int>(sz.P - p0 < lanes ? sz.P - p0 : lanes);
           for (int j = 0; j < count; ++j) {
@@ -316,10 +417,11 @@ backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ value,
 #pragma unroll
               for (int c = 0; c < 4; ++c) {
                 if (!(s.mask & (1 << c))) continue;
-                A add[VEC];
+                A contribution[VEC];
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) add[i] = s.a * weight[c] * go[i];
-                atomic_add_pack<VEC>(grad_value + nm_offset + row[c] * row_stride + chunk * VEC, add);
+                for (int i = 0; i < VEC; ++i) contribution[i] = s.a * weight[c] * go[i];
+                add_to_grad_value.template add<VEC>(
+                    grad_value + nm_offset + row[c] * row_stride + chunk * VEC, contribution);
               }
             }
             g_attn = group_sum(g_attn, lanes);
@@ -331,8 +433,9 @@ backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ value,
               my_g_ly = g_ly;
             }
           }
-          // The owner lane of each point adds its group's total (one writer per element; chunk
-          // iterations of the same thread add in sequence).
+          // The owner lane of each point (lane p % lanes) adds its group's total (one writer per
+          // element; chunk iterations of the same thread add in sequence). With softmax, grad_attn
+          // holds g w.r.t. the softmaxed weight until the post-pass below.
           if (active && p < sz.P && mine.mask != 0) {
             grad_attn[my_pt] += my_g_attn;
             grad_loc[2 * my_pt] += mine.a * static_cast<A>(w) * my_g_lx;
@@ -340,6 +443,26 @@ backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ value,
           }
         }
       }
+    }
+    if constexpr (kSoftmax) {
+      // Softmax backward, after every chunk iteration: lane `lane` owns points p = lane, lane +
+      // lanes, ... of every level (the owners above), so it re-reads only what it wrote itself.
+      // Skipped levels (bad metadata) keep g = 0 but still take part in the softmax.
+      A dot = A(0);
+      if (active)
+        for (int64_t l = 0; l < sz.L; ++l)
+          for (int64_t p = lane; p < sz.P; p += lanes) {
+            const int64_t pt = (g * sz.L + l) * sz.P + p;
+            dot += sm.weight(to_acc(attn[pt])) * grad_attn[pt];
+          }
+      dot = group_sum(dot, lanes);
+      if (active)
+        for (int64_t l = 0; l < sz.L; ++l)
+          for (int64_t p = lane; p < sz.P; p += lanes) {
+            const int64_t pt = (g * sz.L + l) * sz.P + p;
+            const A wt = sm.weight(to_acc(attn[pt]));
+            grad_attn[pt] = wt * (grad_attn[pt] - dot);
+          }
     }
   }
 }
@@ -389,71 +512,95 @@ size_t level_table_bytes(const Sizes& sz) { return static_cast<size_t>(sz.L) * 3
 
 template <typename T, int VEC>
 cudaError_t forward_vec(const Sizes& sz, const void* value, const int64_t* shapes,
-                        const int64_t* starts, const void* loc, const void* attn, void* out,
-                        cudaStream_t stream) {
+                        const int64_t* starts, const void* loc, const void* attn, bool softmax,
+                        void* out, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   const Layout lay = make_layout(sz.D, VEC);
   int blocks = 0;
   cudaError_t err = grid_size(sz, lay, &blocks);
   if (err != cudaSuccess) return err;
-  forward_kernel<T, VEC><<<blocks, kThreads, level_table_bytes(sz), stream>>>(
-      static_cast<const T*>(value), shapes, starts, static_cast<const A*>(loc),
-      static_cast<const T*>(attn), static_cast<T*>(out), sz, lay);
+  const size_t shared = level_table_bytes(sz);
+  if (softmax)
+    forward_kernel<T, VEC, true><<<blocks, kThreads, shared, stream>>>(
+        static_cast<const T*>(value), shapes, starts, static_cast<const A*>(loc),
+        static_cast<const T*>(attn), static_cast<T*>(out), sz, lay);
+  else
+    forward_kernel<T, VEC, false><<<blocks, kThreads, shared, stream>>>(
+        static_cast<const T*>(value), shapes, starts, static_cast<const A*>(loc),
+        static_cast<const T*>(attn), static_cast<T*>(out), sz, lay);
+  return cudaGetLastError();
+}
+
+// Everything the backward launchers pass through unchanged.
+struct BackwardArgs {
+  const void *grad_out, *value;
+  const int64_t *shapes, *starts;
+  const void *loc, *attn;
+  bool softmax;
+  const double* fixed_point_scale;  // nullptr: float atomics
+  void *grad_value, *grad_loc, *grad_attn;
+  cudaStream_t stream;
+};
+
+template <typename T, int VEC, bool kSoftmax, typename Add>
+cudaError_t backward_vec(const Sizes& sz, const BackwardArgs& b) {
+  using A = typename AccOf<T>::type;
+  const Layout lay = make_layout(sz.D, VEC);
+  int blocks = 0;
+  cudaError_t err = grid_size(sz, lay, &blocks);
+  if (err != cudaSuccess) return err;
+  backward_kernel<T, VEC, kSoftmax, Add><<<blocks, kThreads, level_table_bytes(sz), b.stream>>>(
+      static_cast<const T*>(b.grad_out), static_cast<const T*>(b.value), b.shapes, b.starts,
+      static_cast<const A*>(b.loc), static_cast<const T*>(b.attn), b.fixed_point_scale,
+      static_cast<typename Add::Slot*>(b.grad_value), static_cast<A*>(b.grad_loc),
+      static_cast<A*>(b.grad_attn), sz, lay);
   return cudaGetLastError();
 }
 
 template <typename T, int VEC>
-cudaError_t backward_vec(const Sizes& sz, const void* grad_out, const void* value,
-                         const int64_t* shapes, const int64_t* starts, const void* loc,
-                         const void* attn, void* grad_value, void* grad_loc, void* grad_attn,
-                         cudaStream_t stream) {
+cudaError_t backward_vec(const Sizes& sz, const BackwardArgs& b) {
   using A = typename AccOf<T>::type;
-  const Layout lay = make_layout(sz.D, VEC);
-  int blocks = 0;
-  cudaError_t err = grid_size(sz, lay, &blocks);
-  if (err != cudaSuccess) return err;
-  backward_kernel<T, VEC><<<blocks, kThreads, level_table_bytes(sz), stream>>>(
-      static_cast<const T*>(grad_out), static_cast<const T*>(value), shapes, starts,
-      static_cast<const A*>(loc), static_cast<const T*>(attn), static_cast<A*>(grad_value),
-      static_cast<A*>(grad_loc), static_cast<A*>(grad_attn), sz, lay);
-  return cudaGetLastError();
+  // Four variants: the softmax pre/post-passes and the fixed-point adds are compiled in only
+  // where they are used, so the plain path keeps its registers.
+  if (b.fixed_point_scale != nullptr)
+    return b.softmax ? backward_vec<T, VEC, true, FixedPointAdd<A>>(sz, b)
+                     : backward_vec<T, VEC, false, FixedPointAdd<A>>(sz, b);
+  return b.softmax ? backward_vec<T, VEC, true, FloatAdd<A>>(sz, b)
+                   : backward_vec<T, VEC, false, FloatAdd<A>>(sz, b);
 }
 
 template <typename T>
 cudaError_t forward_typed(const Sizes& sz, const void* value, const int64_t* shapes,
-                          const int64_t* starts, const void* loc, const void* attn, void* out,
-                          cudaStream_t stream) {
+                          const int64_t* starts, const void* loc, const void* attn, bool softmax,
+                          void* out, cudaStream_t stream) {
   constexpr int kMaxVec = 16 / static_cast<int>(sizeof(T));
   const int vec = pick_vec<T>(sz.D, value, out);
+#define GK_FORWARD(V) forward_vec<T, V>(sz, value, shapes, starts, loc, attn, softmax, out, stream)
   if constexpr (kMaxVec >= 8)
-    if (vec == 8) return forward_vec<T, 8>(sz, value, shapes, starts, loc, attn, out, stream);
+    if (vec == 8) return GK_FORWARD(8);
   if constexpr (kMaxVec >= 4)
-    if (vec == 4) return forward_vec<T, 4>(sz, value, shapes, starts, loc, attn, out, stream);
-  if (vec == 2) return forward_vec<T, 2>(sz, value, shapes, starts, loc, attn, out, stream);
-  return forward_vec<T, 1>(sz, value, shapes, starts, loc, attn, out, stream);
+    if (vec == 4) return GK_FORWARD(4);
+  if (vec == 2) return GK_FORWARD(2);
+  return GK_FORWARD(1);
+#undef GK_FORWARD
 }
 
 template <typename T>
-cudaError_t backward_typed(const Sizes& sz, const void* grad_out, const void* value,
-                           const int64_t* shapes, const int64_t* starts, const void* loc,
-                           const void* attn, void* grad_value, void* grad_loc, void* grad_attn,
-                           cudaStream_t stream) {
+cudaError_t backward_typed(const Sizes& sz, const BackwardArgs& b) {
   constexpr int kMaxVec = 16 / static_cast<int>(sizeof(T));
-  // grad_value holds the accumulation type: it needs VEC * sizeof(A) alignment for vector atomics.
-  const int vec_bytes_ok = pick_vec<T>(sz.D, value, grad_out);
-  int vec = vec_bytes_ok;
-  while (vec > 1 && !aligned(grad_value, vec * static_cast<int>(sizeof(typename AccOf<T>::type))))
-    vec /= 2;
-#define GK_BACKWARD(V)                                                                       \
-  backward_vec<T, V>(sz, grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, \
-                     grad_attn, stream)
+  int vec = pick_vec<T>(sz.D, b.value, b.grad_out);
+  // A float grad_value needs VEC * sizeof(A) alignment for the vector atomics; the fixed-point
+  // slots (int64) are added one at a time.
+  if (b.fixed_point_scale == nullptr)
+    while (vec > 1 &&
+           !aligned(b.grad_value, vec * static_cast<int>(sizeof(typename AccOf<T>::type))))
+      vec /= 2;
   if constexpr (kMaxVec >= 8)
-    if (vec == 8) return GK_BACKWARD(8);
+    if (vec == 8) return backward_vec<T, 8>(sz, b);
   if constexpr (kMaxVec >= 4)
-    if (vec == 4) return GK_BACKWARD(4);
-  if (vec == 2) return GK_BACKWARD(2);
-  return GK_BACKWARD(1);
-#undef GK_BACKWARD
+    if (vec == 4) return backward_vec<T, 4>(sz, b);
+  if (vec == 2) return backward_vec<T, 2>(sz, b);
+  return backward_vec<T, 1>(sz, b);
 }
 
 bool nothing_to_do(const Sizes& sz) {
@@ -464,40 +611,34 @@ bool nothing_to_do(const Sizes& sz) {
 
 cudaError_t forward(ValueType type, const Sizes& sz, const void* value,
                     const int64_t* spatial_shapes, const int64_t* level_start_index,
-                    const void* loc, const void* attn, void* out, cudaStream_t stream) {
+                    const void* loc, const void* attn, bool softmax, void* out,
+                    cudaStream_t stream) {
   if (nothing_to_do(sz)) return cudaSuccess;
+#define GK_FORWARD(T) \
+  forward_typed<T>(sz, value, spatial_shapes, level_start_index, loc, attn, softmax, out, stream)
   switch (type) {
-    case ValueType::kFloat64:
-      return forward_typed<double>(sz, value, spatial_shapes, level_start_index, loc, attn, out, stream);
-    case ValueType::kFloat32:
-      return forward_typed<float>(sz, value, spatial_shapes, level_start_index, loc, attn, out, stream);
-    case ValueType::kFloat16:
-      return forward_typed<__half>(sz, value, spatial_shapes, level_start_index, loc, attn, out, stream);
-    case ValueType::kBFloat16:
-      return forward_typed<__nv_bfloat16>(sz, value, spatial_shapes, level_start_index, loc, attn,
-                                          out, stream);
+    case ValueType::kFloat64: return GK_FORWARD(double);
+    case ValueType::kFloat32: return GK_FORWARD(float);
+    case ValueType::kFloat16: return GK_FORWARD(__half);
+    case ValueType::kBFloat16: return GK_FORWARD(__nv_bfloat16);
   }
+#undef GK_FORWARD
   return cudaErrorInvalidValue;
 }
 
 cudaError_t backward(ValueType type, const Sizes& sz, const void* grad_out, const void* value,
                      const int64_t* spatial_shapes, const int64_t* level_start_index,
-                     const void* loc, const void* attn, void* grad_value, void* grad_loc,
+                     const void* loc, const void* attn, bool softmax,
+                     const double* fixed_point_scale, void* grad_value, void* grad_loc,
                      void* grad_attn, cudaStream_t stream) {
   if (nothing_to_do(sz)) return cudaSuccess;
+  const BackwardArgs b{grad_out, value, spatial_shapes, level_start_index, loc, attn, softmax,
+                       fixed_point_scale, grad_value, grad_loc, grad_attn, stream};
   switch (type) {
-    case ValueType::kFloat64:
-      return backward_typed<double>(sz, grad_out, value, spatial_shapes, level_start_index, loc,
-                                    attn, grad_value, grad_loc, grad_attn, stream);
-    case ValueType::kFloat32:
-      return backward_typed<float>(sz, grad_out, value, spatial_shapes, level_start_index, loc,
-                                   attn, grad_value, grad_loc, grad_attn, stream);
-    case ValueType::kFloat16:
-      return backward_typed<__half>(sz, grad_out, value, spatial_shapes, level_start_index, loc,
-                                    attn, grad_value, grad_loc, grad_attn, stream);
-    case ValueType::kBFloat16:
-      return backward_typed<__nv_bfloat16>(sz, grad_out, value, spatial_shapes, level_start_index,
-                                           loc, attn, grad_value, grad_loc, grad_attn, stream);
+    case ValueType::kFloat64: return backward_typed<double>(sz, b);
+    case ValueType::kFloat32: return backward_typed<float>(sz, b);
+    case ValueType::kFloat16: return backward_typed<__half>(sz, b);
+    case ValueType::kBFloat16: return backward_typed<__nv_bfloat16>(sz, b);
   }
   return cudaErrorInvalidValue;
 }

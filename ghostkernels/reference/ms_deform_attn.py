@@ -35,17 +35,30 @@ def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_lo
     return out.view(N, M * D, Lq).transpose(1, 2).to(out_dtype).contiguous()
 
 
-def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def softmax_over_points(attention_logits):
+    """[N,Lq,M,L,P] logits -> weights softmaxed over the L*P points of each query and head, in the
+    accumulation dtype (float64 for float64 logits, else float32)."""
+    dtype = torch.float64 if attention_logits.dtype == torch.float64 else torch.float32
+    flat = attention_logits.to(dtype).flatten(-2)
+    return flat.softmax(-1).view(attention_logits.shape)
+
+
+def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            softmax=False):
+    if softmax:
+        attention_weights = softmax_over_points(attention_weights)
     return ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations,
                                   attention_weights)
 
 
 def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-             attention_weights):
+             attention_weights, softmax=False, fixed_point_scale=None):
     """Gradients of the reference forward (torch.func.vjp: this runs inside a custom op, below
-    the autograd dispatch key, where torch.autograd.grad cannot record a graph)."""
+    the autograd dispatch key, where torch.autograd.grad cannot record a graph). With softmax the
+    third gradient is w.r.t. the logits. fixed_point_scale is ignored: this path has no atomics
+    on the CPU (on a GPU, grid_sample's own backward decides)."""
     def f(v, loc, w):
-        return ms_deform_attn_forward(v, spatial_shapes, level_start_index, loc, w)
+        return forward(v, spatial_shapes, level_start_index, loc, w, softmax=softmax)
 
     _, vjp = torch.func.vjp(f, value, sampling_locations, attention_weights)
     return vjp(grad_output.to(value.dtype))

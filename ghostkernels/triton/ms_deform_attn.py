@@ -20,6 +20,19 @@ in-bounds masks are computed once as ``[BLOCK_Q]`` vectors; the four corners are
   program loops over D in chunks of ``BLOCK_D``) and stored without atomics, since each
   (query, head, level, point) belongs to exactly one program.
 
+Softmax fusion (``softmax=True``, attention_weights hold logits; constexpr SOFTMAX): before the
+sampling loop each program makes one pass over the ``L*P`` logits of its queries (online max and
+sum of exponentials, float32) and then uses ``exp(logit - max) / sum`` as the weight. The backward
+first stores ``g = d out / d weight`` per point (as without softmax), accumulating
+``sum_k w_k g_k`` in registers; after a ``tl.debug_barrier()`` (the stored ``g``'s are read back by
+other threads of the program) a second pass overwrites them with ``w * (g - sum_k w_k g_k)``.
+
+Deterministic grad_value (a ``fixed_point_scale`` tensor; constexpr FIXED_POINT): each contribution
+becomes ``int64(trunc(float64(contribution) * scale))`` and is added with an int64
+``tl.atomic_add``: integer addition is associative, so the sum does not depend on the order in
+which programs run. The launcher divides the int64 sums by the scale (float64) at the end.
+With both flags off the kernels are the plain fast path (the flags are compile-time constants).
+
 Flat offsets are int64 (the program id is widened first), so no tensor size overflows int32
 arithmetic, and there is no batch chunking or divisibility rule. Block sizes come from D (next
 power of two, masked) and shrink BLOCK_Q until the grid covers the GPU for small N * Lq.
@@ -105,6 +118,33 @@ def _load_point(loc_ptr, attn_ptr, point, q_mask, H, W):
 
 
 @triton.jit
+def _softmax_stats(attn_ptr, query_head, q_mask, L, P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Max and 1/sum(exp(logit - max)) over the L*P logits of each query of the block: one online
+    pass (the running sum is rescaled when the max grows). The max starts at the lowest finite
+    float32, so -inf logits get weight 0 without producing NaN (all -inf: NaN, as torch)."""
+    row_max = tl.full([BLOCK_Q], -3.4028234663852886e38, tl.float32)
+    total = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    for lvl in range(L):
+        for p in tl.static_range(P):
+            logit = tl.load(attn_ptr + (query_head * L + lvl) * P + p, mask=q_mask,
+                            other=0.0).to(tl.float32)
+            new_max = tl.maximum(row_max, logit)
+            total = total * tl.exp(row_max - new_max) + tl.exp(logit - new_max)
+            row_max = new_max
+    return row_max, 1.0 / total
+
+
+@triton.jit
+def _accumulate_grad_value(ptr, contribution, mask, scale, FIXED_POINT: tl.constexpr):
+    """grad_value[ptr] += contribution: a float atomic, or the fixed-point int64 one."""
+    if FIXED_POINT:
+        fixed = (contribution.to(tl.float64) * scale).to(tl.int64)
+        tl.atomic_add(ptr, fixed, mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(ptr, contribution, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _value_offsets(row, m, M, D, d):
     """Element offsets of channels ``d`` of head ``m`` at value rows ``row`` ([BLOCK_Q])."""
     return (row * M + m)[:, None] * D + d[None, :]
@@ -118,7 +158,7 @@ def _value_offsets(row, m, M, D, d):
 def _ms_deform_attn_fwd_kernel(
         value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
         S, M, D, Lq, L, num_q_blocks, num_d_blocks,
-        P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+        P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, SOFTMAX: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     d_block = pid % num_d_blocks
     rest = pid // num_d_blocks
@@ -133,6 +173,8 @@ def _ms_deform_attn_fwd_kernel(
     d_mask = d < D
     query_head = (n * Lq + q) * M + m  # index into [N, Lq, M]
 
+    if SOFTMAX:
+        row_max, inv_sum = _softmax_stats(attn_ptr, query_head, q_mask, L, P, BLOCK_Q)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for lvl in range(L):
         H = tl.load(shapes_ptr + 2 * lvl)
@@ -142,6 +184,8 @@ def _ms_deform_attn_fwd_kernel(
             point = (query_head * L + lvl) * P + p
             x0, y0, fx, fy, x0_in, x1_in, y0_in, y1_in, a = _load_point(
                 loc_ptr, attn_ptr, point, q_mask, H, W)
+            if SOFTMAX:
+                a = tl.exp(a - row_max) * inv_sum
             row00 = row_base + y0 * W + x0
             v00 = tl.load(value_ptr + _value_offsets(row00, m, M, D, d),
                           mask=(y0_in & x0_in)[:, None] & d_mask[None, :], other=0.0)
@@ -166,9 +210,10 @@ def _ms_deform_attn_fwd_kernel(
 @triton.jit
 def _ms_deform_attn_bwd_kernel(
         grad_out_ptr, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
-        grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
+        grad_value_ptr, grad_loc_ptr, grad_attn_ptr, scale_ptr,
         S, M, D, Lq, L, num_q_blocks,
-        P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+        P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, SOFTMAX: tl.constexpr,
+        FIXED_POINT: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     m = pid % M
     rest = pid // M
@@ -178,6 +223,13 @@ def _ms_deform_attn_bwd_kernel(
     q = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = q < Lq
     query_head = (n * Lq + q) * M + m
+    if SOFTMAX:
+        row_max, inv_sum = _softmax_stats(attn_ptr, query_head, q_mask, L, P, BLOCK_Q)
+        weighted_grad = tl.zeros([BLOCK_Q], dtype=tl.float32)  # sum_k w_k g_k
+    if FIXED_POINT:
+        scale = tl.load(scale_ptr)
+    else:
+        scale = 1.0
 
     for lvl in range(L):
         H = tl.load(shapes_ptr + 2 * lvl)
@@ -187,6 +239,8 @@ def _ms_deform_attn_bwd_kernel(
             point = (query_head * L + lvl) * P + p
             x0, y0, fx, fy, x0_in, x1_in, y0_in, y1_in, a = _load_point(
                 loc_ptr, attn_ptr, point, q_mask, H, W)
+            if SOFTMAX:
+                a = tl.exp(a - row_max) * inv_sum
             gx = 1.0 - fx
             gy = 1.0 - fy
             row00 = row_base + y0 * W + x0
@@ -218,18 +272,32 @@ def _ms_deform_attn_bwd_kernel(
                 grad_px += tl.sum(go * dx, axis=1)
                 grad_py += tl.sum(go * dy, axis=1)
                 go_a = go * a[:, None]
-                tl.atomic_add(grad_value_ptr + off00, go_a * (gy * gx)[:, None],
-                              mask=in00 & d_mask, sem="relaxed")
-                tl.atomic_add(grad_value_ptr + off01, go_a * (gy * fx)[:, None],
-                              mask=in01 & d_mask, sem="relaxed")
-                tl.atomic_add(grad_value_ptr + off10, go_a * (fy * gx)[:, None],
-                              mask=in10 & d_mask, sem="relaxed")
-                tl.atomic_add(grad_value_ptr + off11, go_a * (fy * fx)[:, None],
-                              mask=in11 & d_mask, sem="relaxed")
+                _accumulate_grad_value(grad_value_ptr + off00, go_a * (gy * gx)[:, None],
+                                       in00 & d_mask, scale, FIXED_POINT)
+                _accumulate_grad_value(grad_value_ptr + off01, go_a * (gy * fx)[:, None],
+                                       in01 & d_mask, scale, FIXED_POINT)
+                _accumulate_grad_value(grad_value_ptr + off10, go_a * (fy * gx)[:, None],
+                                       in10 & d_mask, scale, FIXED_POINT)
+                _accumulate_grad_value(grad_value_ptr + off11, go_a * (fy * fx)[:, None],
+                                       in11 & d_mask, scale, FIXED_POINT)
             tl.store(grad_attn_ptr + point, grad_a, mask=q_mask)
+            if SOFTMAX:
+                weighted_grad += a * grad_a
             # pixel x = loc_x * W - 0.5, so d/d loc_x = W * d/d pixel x (same for y with H).
             tl.store(grad_loc_ptr + 2 * point, grad_px * a * W.to(tl.float32), mask=q_mask)
             tl.store(grad_loc_ptr + 2 * point + 1, grad_py * a * H.to(tl.float32), mask=q_mask)
+
+    if SOFTMAX:
+        # Softmax backward: d logit_k = w_k * (g_k - sum_j w_j g_j). The g's stored above are
+        # read back, possibly by other threads of this program: the barrier orders the two.
+        tl.debug_barrier()
+        for lvl in range(L):
+            for p in tl.static_range(P):
+                point = (query_head * L + lvl) * P + p
+                g = tl.load(grad_attn_ptr + point, mask=q_mask, other=0.0)
+                logit = tl.load(attn_ptr + point, mask=q_mask, other=0.0).to(tl.float32)
+                w = tl.exp(logit - row_max) * inv_sum
+                tl.store(grad_attn_ptr + point, w * (g - weighted_grad), mask=q_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +305,7 @@ def _ms_deform_attn_bwd_kernel(
 
 
 def _launch_forward(value, spatial_shapes, level_start_index, sampling_locations,
-                    attention_weights, config: LaunchConfig):
+                    attention_weights, config: LaunchConfig, softmax: bool = False):
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     out = value.new_empty(N, Lq, M * D)
@@ -247,41 +315,52 @@ def _launch_forward(value, spatial_shapes, level_start_index, sampling_locations
     _ms_deform_attn_fwd_kernel[grid](
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
         S, M, D, Lq, L, num_q_blocks, num_d_blocks,
-        P=P, BLOCK_Q=config.block_q, BLOCK_D=config.block_d, num_warps=config.num_warps)
+        P=P, BLOCK_Q=config.block_q, BLOCK_D=config.block_d, SOFTMAX=softmax,
+        num_warps=config.num_warps)
     return out
 
 
 def _launch_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                     attention_weights, config: LaunchConfig):
+                     attention_weights, config: LaunchConfig, softmax: bool = False,
+                     fixed_point_scale: torch.Tensor | None = None):
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+    fixed_point = fixed_point_scale is not None
+    grad_value = torch.zeros(value.shape, dtype=torch.int64 if fixed_point else torch.float32,
+                             device=value.device)
     grad_loc = torch.empty(sampling_locations.shape, dtype=torch.float32, device=value.device)
     grad_attn = torch.empty(attention_weights.shape, dtype=torch.float32, device=value.device)
     num_q_blocks = triton.cdiv(Lq, config.block_q)
     grid = (N * num_q_blocks * M,)
     _ms_deform_attn_bwd_kernel[grid](
         grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-        attention_weights, grad_value, grad_loc, grad_attn,
+        attention_weights, grad_value, grad_loc, grad_attn, fixed_point_scale,
         S, M, D, Lq, L, num_q_blocks,
-        P=P, BLOCK_Q=config.block_q, BLOCK_D=config.block_d, num_warps=config.num_warps)
+        P=P, BLOCK_Q=config.block_q, BLOCK_D=config.block_d, SOFTMAX=softmax,
+        FIXED_POINT=fixed_point, num_warps=config.num_warps)
+    if fixed_point:  # int64 sums back to float: exact division by a power of two, in float64
+        grad_value = (grad_value.to(torch.float64) / fixed_point_scale).to(torch.float32)
     return grad_value, grad_loc, grad_attn
 
 
-def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            softmax=False):
     """-> ``[N, Lq, M*D]`` in value's dtype (inputs as in the op module's kernel contract)."""
     N, _, M, D = value.shape
     Lq = sampling_locations.shape[1]
     config = launch_config(N, Lq, M, D, _num_sms(value.device), FORWARD_TILE)
     return _launch_forward(value, spatial_shapes, level_start_index, sampling_locations,
-                           attention_weights, config)
+                           attention_weights, config, softmax)
 
 
 def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-             attention_weights):
-    """-> (grad_value, grad_sampling_locations, grad_attention_weights), all float32."""
+             attention_weights, softmax=False, fixed_point_scale=None):
+    """-> (grad_value, grad_sampling_locations, grad_attention_weights), all float32; the third
+    w.r.t. the logits when ``softmax``. ``fixed_point_scale`` (0-d float64 on the device):
+    deterministic grad_value (see the module docstring)."""
     N, _, M, D = value.shape
     Lq = sampling_locations.shape[1]
     config = launch_config(N, Lq, M, D, _num_sms(value.device), BACKWARD_TILE)
     return _launch_backward(grad_output, value, spatial_shapes, level_start_index,
-                            sampling_locations, attention_weights, config)
+                            sampling_locations, attention_weights, config, softmax,
+                            fixed_point_scale)

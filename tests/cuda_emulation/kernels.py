@@ -17,6 +17,7 @@ import torch
 
 MIN_GUARD = 64  # elements of guard zone on each side of every buffer (at least its own size)
 SENTINEL = 1234.5
+INT_SENTINEL = -777
 MSDA_TYPES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 GHOST_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 COUNTERS = ("launches", "blocks", "threads", "warp_collectives", "block_barriers")
@@ -65,7 +66,7 @@ def _guarded_input(t: torch.Tensor | None, offset: int) -> _Guarded | None:
 
 def _output(shape, dtype, offset: int, zero: bool = False) -> _Guarded:
     fill = torch.zeros(shape, dtype=dtype) if zero else torch.full(shape, float("nan"), dtype=dtype)
-    return _Guarded(fill, SENTINEL, offset)
+    return _Guarded(fill, SENTINEL if dtype.is_floating_point else INT_SENTINEL, offset)
 
 
 class EmulatedKernels:
@@ -107,7 +108,8 @@ class EmulatedKernels:
     # -- multi-scale deformable attention (csrc/cuda/ms_deform_attn.cpp) --------------------------
 
     def msda_forward(self, value, spatial_shapes, level_start_index, loc, attn, *, arch=900,
-                     offset=0):
+                     offset=0, softmax=False):
+        """``softmax``: attn holds logits, softmaxed over the L*P points inside the kernel."""
         name = f"ms_deform_attn_sm{arch // 10}"
         N, S, M, D = value.shape
         _, Lq, _, L, P, _ = loc.shape
@@ -116,28 +118,39 @@ class EmulatedKernels:
         out = _output((N, Lq, M * D), value.dtype, offset)
         status = self.libs[name].gk_msda_forward(
             MSDA_TYPES[value.dtype], _int64s(N, S, M, D, Lq, L, P), *(_ptr(g.view) for g in ins),
-            _ptr(out.view))
+            ctypes.c_int(int(softmax)), _ptr(out.view))
         self._check(self.libs[name], status, "ms_deform_attn forward")
         out.check_guards("the output")
         return out.view.clone()
 
     def msda_backward(self, grad_output, value, spatial_shapes, level_start_index, loc, attn, *,
-                      arch=900, offset=0):
+                      arch=900, offset=0, softmax=False, fixed_point_scale=None):
+        """``fixed_point_scale`` (a 0-d float64 tensor): the deterministic path, grad_value summed
+        in an int64 buffer and divided by the scale afterwards, as csrc/cuda/ms_deform_attn.cpp
+        does."""
         name = f"ms_deform_attn_sm{arch // 10}"
         N, S, M, D = value.shape
         _, Lq, _, L, P, _ = loc.shape
         acc = torch.float64 if value.dtype == torch.float64 else torch.float32
         ins = [_guarded_input(t, offset) for t in (grad_output, value, spatial_shapes,
                                                     level_start_index, loc, attn)]
-        outs = [_output(t.shape, acc, offset, zero=True) for t in (value, loc, attn)]
+        fixed_point = fixed_point_scale is not None
+        grad_value_dtype = torch.int64 if fixed_point else acc
+        outs = [_output(value.shape, grad_value_dtype, offset, zero=True)]
+        outs += [_output(t.shape, acc, offset, zero=True) for t in (loc, attn)]
+        scale = _guarded_input(fixed_point_scale, offset) if fixed_point else None
         status = self.libs[name].gk_msda_backward(
             MSDA_TYPES[value.dtype], _int64s(N, S, M, D, Lq, L, P), *(_ptr(g.view) for g in ins),
+            ctypes.c_int(int(softmax)), _ptr(scale.view) if fixed_point else ctypes.c_void_p(None),
             *(_ptr(g.view) for g in outs))
         self._check(self.libs[name], status, "ms_deform_attn backward")
         for g, what in zip(outs, ("grad_value", "grad_sampling_locations",
                                   "grad_attention_weights")):
             g.check_guards(what)
-        return tuple(g.view.clone() for g in outs)
+        grads = [g.view.clone() for g in outs]
+        if fixed_point:
+            grads[0] = (grads[0].double() / fixed_point_scale).to(acc)
+        return tuple(grads)
 
     # -- Ghost ops (csrc/cuda/ghost_ops.cpp) ------------------------------------------------------
 
