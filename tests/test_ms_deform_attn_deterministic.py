@@ -177,14 +177,8 @@ def test_non_finite_grad_output_makes_grad_value_nan(backend):
 # Through the op layer and autograd
 
 
-@pytest.mark.parametrize("softmax", [False, True], ids=["weights", "softmax"])
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_backward_op_with_deterministic_passes_the_scale(backend, softmax, monkeypatch):
-    """The backward custom op, called with deterministic=True, hands the backend the scale of
-    fixed_point_scale (on any device: the autograd formula decides when to ask for it)."""
-    device = require(backend, OP, torch.float32)
-    args = colliding_inputs(torch.float32, device, softmax=softmax)
-    expected = reference64(args, softmax)
+def record_scales(backend, monkeypatch) -> list:
+    """The fixed_point_scale argument of every call of ``backend``'s backward, from now on."""
     module = backends.implementations(OP)[backend].load()
     seen = []
     original = module.backward
@@ -194,6 +188,19 @@ def test_backward_op_with_deterministic_passes_the_scale(backend, softmax, monke
         return original(*a, **kw)
 
     monkeypatch.setattr(module, "backward", spy)
+    return seen
+
+
+
+@pytest.mark.parametrize("softmax", [False, True], ids=["weights", "softmax"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_backward_op_with_deterministic_passes_the_scale(backend, softmax, monkeypatch):
+    """The backward custom op, called with deterministic=True, hands the backend the scale of
+    fixed_point_scale (on any device: the autograd formula decides when to ask for it)."""
+    device = require(backend, OP, torch.float32)
+    args = colliding_inputs(torch.float32, device, softmax=softmax)
+    expected = reference64(args, softmax)
+    seen = record_scales(backend, monkeypatch)
     with use_backend(backend):
         grads = torch.ops.ghostkernels.ms_deform_attn_backward(*args, softmax, True)
     assert len(seen) == 1 and torch.equal(seen[0], scale_for(args, softmax))
@@ -221,15 +228,7 @@ def test_autograd_under_deterministic_algorithms(backend, softmax, monkeypatch,
     grad_out, value, shapes, starts, loc, weights = colliding_inputs(torch.float32, device,
                                                                      softmax=softmax)
     expected = reference64((grad_out, value, shapes, starts, loc, weights), softmax)
-    module = backends.implementations(OP)[backend].load()
-    seen = []
-    original = module.backward
-
-    def spy(*a, **kw):
-        seen.append(kw["fixed_point_scale"])
-        return original(*a, **kw)
-
-    monkeypatch.setattr(module, "backward", spy)
+    seen = record_scales(backend, monkeypatch)
     fn = ghostkernels.ms_deform_attn_softmax if softmax else ghostkernels.ms_deform_attn
     inputs = [t.detach().requires_grad_() for t in (value, loc, weights)]
     with use_backend(backend):

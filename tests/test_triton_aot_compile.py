@@ -42,31 +42,31 @@ def _msda_launches():
                                   fixed_point_scale=fixed_point_scale)
 
 
+def _conv_inputs():
+    """(dtype, memory format, x [2, 12, 9, 11]) for every dtype and both layouts."""
+    for dtype in DTYPES:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            yield dtype, fmt, torch.randn(2, 12, 9, 11).to(dtype).contiguous(memory_format=fmt)
+
+
 def _ghost_launches():
     from ghostkernels.triton import ghost_conv
-    for dtype in DTYPES:
-        for channels_last in (False, True):
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
-            x = torch.randn(2, 12, 9, 11).to(dtype).contiguous(memory_format=fmt)
-            w1, b1 = torch.randn(8, 12).to(dtype), torch.randn(8).to(dtype)
-            wc, bc = torch.randn(8, 9).to(dtype), torch.randn(8).to(dtype)
-            ghost_conv.forward(x, w1, b1, wc, bc, True, True, 16)
-            gate = torch.rand(2, 16, 5, 6).to(dtype).contiguous(memory_format=fmt)
-            residual = torch.randn(2, 16, 9, 11).to(dtype).contiguous(memory_format=fmt)
-            ghost_conv.forward(x, w1, b1, wc, bc, True, False, 16,
-                               input_scale=torch.rand(2, 12).to(dtype), gate=gate,
-                               residual=residual)
+    for dtype, fmt, x in _conv_inputs():
+        w1, b1 = torch.randn(8, 12).to(dtype), torch.randn(8).to(dtype)
+        wc, bc = torch.randn(8, 9).to(dtype), torch.randn(8).to(dtype)
+        ghost_conv.forward(x, w1, b1, wc, bc, True, True, 16)
+        gate = torch.rand(2, 16, 5, 6).to(dtype).contiguous(memory_format=fmt)
+        residual = torch.randn(2, 16, 9, 11).to(dtype).contiguous(memory_format=fmt)
+        ghost_conv.forward(x, w1, b1, wc, bc, True, False, 16,
+                           input_scale=torch.rand(2, 12).to(dtype), gate=gate, residual=residual)
 
 
 def _depthwise_launches():
     from ghostkernels.triton import depthwise_conv
-    for dtype in DTYPES:
-        for channels_last in (False, True):
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
-            x = torch.randn(2, 12, 9, 11).to(dtype).contiguous(memory_format=fmt)
-            for k, stride in ((3, 1), (5, 2)):
-                w, b = torch.randn(12, k * k).to(dtype), torch.randn(12).to(dtype)
-                depthwise_conv.forward(x, w, b, k, k, stride, True)
+    for dtype, fmt, x in _conv_inputs():
+        for k, stride in ((3, 1), (5, 2)):
+            w, b = torch.randn(12, k * k).to(dtype), torch.randn(12).to(dtype)
+            depthwise_conv.forward(x, w, b, k, k, stride, True)
 
 
 def test_every_triton_launch_compiles_for_sm90(tmp_path):
