@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 
 import torch
 
@@ -41,9 +42,14 @@ def timm_baselines() -> dict[str, torch.nn.Module]:
     except ImportError:
         print("timm is not installed: baselines skipped")
         return {}
-    ghost = reparameterize_model(timm.create_model("ghostnetv3_100", pretrained=False).eval())
-    resnet = timm.create_model("resnet18d", pretrained=False).eval()
-    return {BASELINES[0]: ghost, BASELINES[1]: resnet}
+    models = {}
+    for name, timm_name in zip(BASELINES, ("ghostnetv3_100", "resnet18d")):
+        try:  # an older timm may lack a model: keep the others
+            models[name] = reparameterize_model(
+                timm.create_model(timm_name, pretrained=False).eval())
+        except Exception as exc:  # noqa: BLE001
+            print(f"timm {timm_name} unavailable ({type(exc).__name__}: {exc}): baseline skipped")
+    return models
 
 
 class Features(torch.nn.Module):
@@ -69,6 +75,17 @@ def cuda_graph(model: torch.nn.Module, x: torch.Tensor):
     with torch.cuda.graph(graph):
         model(x)
     return graph.replay
+
+
+def timed(fn, device, failures: dict, name: str, replay: bool = False) -> float:
+    """time_ms of ``fn`` (of the callable ``fn`` returns when ``replay``); a failure becomes NaN
+    and a note, so one broken variant does not hide the others."""
+    try:
+        return time_ms(fn() if replay else fn, device)
+    except Exception as exc:  # noqa: BLE001
+        failures[name] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+        print(f"{name}: {failures[name]}", flush=True)
+        return math.nan
 
 
 def main(argv=None):
@@ -102,27 +119,31 @@ def main(argv=None):
         model.to(device=device, dtype=dtype, memory_format=fmt)
 
     fused_backend = backends.backend_for("ghost_conv", device, dtype)
+    layout = "NCHW" if args.nchw else "channels_last"
+    header = (f"## Backbone latency (eval, {layout}, GhostNetV3 width {args.width})\n\n"
+              f"Machine: {machine_description(device)}")
     rows = []
     for batch in args.batch:
         case = f"{args.size}x{args.size} bs{batch} {str(dtype).replace('torch.', '')}"
         x = torch.rand(batch, 3, args.size, args.size, device=device, dtype=dtype)
         x = x.contiguous(memory_format=fmt)
-        timings = {}
+        timings, failures = {}, {}
         with torch.inference_mode():
             for name, model in models.items():
-                timings[name] = time_ms(lambda m=model: m(x), device)
+                timings[name] = timed(lambda m=model: m(x), device, failures, name)
         if device == "cuda":
+            name = "ghostnetv3 folded fused + CUDA graph"
             with torch.no_grad():  # CUDA graphs capture plain no_grad forwards
-                replay = cuda_graph(models["ghostnetv3 folded fused"], x)
-                timings["ghostnetv3 folded fused + CUDA graph"] = time_ms(replay, device)
+                timings[name] = timed(
+                    lambda: cuda_graph(models["ghostnetv3 folded fused"], x), device, failures,
+                    name, replay=True)
         for name, ms in timings.items():
-            ratios = {b: timings[b] / ms for b in BASELINES if b in timings and b != name}
-            note = f"ghostkernels backend: {fused_backend}" if "fused" in name else ""
+            ratios = {b: timings[b] / ms for b in BASELINES
+                      if b in timings and b != name and not math.isnan(ms)}
+            note = failures.get(name) or (f"ghostkernels backend: {fused_backend}"
+                                          if "fused" in name else "")
             rows.append(Row("backbone", case, name, ms, ratios=ratios, note=note))
-
-    layout = "NCHW" if args.nchw else "channels_last"
-    header = (f"## Backbone latency (eval, {layout}, GhostNetV3 width {args.width})\n\n"
-              f"Machine: {machine_description(device)}")
+        write_outputs(rows, header, args.out, "backbone", echo=False)
     write_outputs(rows, header, args.out, "backbone")
 
 

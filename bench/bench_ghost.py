@@ -44,6 +44,8 @@ def main(argv=None):
              and dtype in backends.implementations("ghost_conv")[b].dtypes]
     compiled = None if args.no_compile else torch.compile(eager_ghost)
     eager = "cuDNN eager" if device == "cuda" else "PyTorch eager"
+    header = (f"### ghost_conv / depthwise_conv ({machine_description(device)}; copy bandwidth "
+              f"{bandwidth:.0f} GB/s read+write)")
     rows = []
     with torch.no_grad():
         for shape in shapes:
@@ -80,8 +82,7 @@ def main(argv=None):
                                         {k: v / ms for k, v in base.items()}))
                         rows.append(Row("dw3x3-fwd", case, backend, dw_ms, dw_floor,
                                         {eager: dw_eager / dw_ms}))
-    header = (f"### ghost_conv / depthwise_conv ({machine_description(device)}; copy bandwidth "
-              f"{bandwidth:.0f} GB/s read+write)")
+                    write_outputs(rows, header, args.out, "ghost", echo=False)
     write_outputs(rows, header, args.out, "ghost")
     return rows
 

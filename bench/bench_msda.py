@@ -105,6 +105,8 @@ def main(argv=None):
     names = [b for b in ("reference", "cpu", "triton", "cuda")
              if backends.availability(b, device).available]
     gen = torch.Generator().manual_seed(0)
+    header = (f"### ms_deform_attn ({machine_description(device)}; copy bandwidth "
+              f"{bandwidth:.0f} GB/s read+write)")
     rows = []
     for case in cases:
         N, levels, Lq = CASES[case]
@@ -143,8 +145,7 @@ def main(argv=None):
                         ratios["orig CUDA op fp32 (anchors)"] = ORIGINAL_OP_H100[(case, mode)] / ms
                     rows.append(Row(f"msda-{mode}", f"{case} {dname}", label, ms, floor_ms, ratios))
             del value, loc, weights
-    header = (f"### ms_deform_attn ({machine_description(device)}; copy bandwidth "
-              f"{bandwidth:.0f} GB/s read+write)")
+            write_outputs(rows, header, args.out, "msda", echo=False)
     write_outputs(rows, header, args.out, "msda")
     return rows
 

@@ -78,9 +78,14 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(rows: list[Row], header: str, out_dir: str | None, name: str) -> None:
+def write_outputs(rows: list[Row], header: str, out_dir: str | None, name: str,
+                  echo: bool = True) -> None:
+    """``name``.md and ``name``.json under ``out_dir`` (if given); ``echo`` also prints the table.
+    Benchmarks call it with ``echo=False`` after each case too, so a run stopped at a time limit
+    keeps the rows it has."""
     text = f"{header}\n\n{markdown_table(rows)}\n"
-    print(text, flush=True)
+    if echo:
+        print(text, flush=True)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, f"{name}.md"), "w") as f:

@@ -159,16 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float16 if gpu else torch.float32
     if gpu:
         torch.backends.cudnn.benchmark = True
-    rows = []
-    for key in args.models:
-        rows += bench_model(key, batches, args.size, args.device, dtype, gpu, modes,
-                            5 if args.quick else 10, args.compile_backend)
     header = (f"# Detector end to end (model + postprocessor, random weights)\n\n"
               f"{machine_description(args.device)}; {'fp16 channels_last' if gpu else 'fp32'}; "
               f"median of {'do_bench' if gpu else ('5' if args.quick else '10') + ' runs'}.")
     if not gpu:
         header += (f"\nOfficial RT-DETRv2-R18 folded, model forward, 640x640 batch 1 on the 2-core "
                    f"development CPU: {OFFICIAL_R18_CPU_MS:.0f} ms (anchors.md, a separate run).")
+    rows = []
+    for key in args.models:
+        rows += bench_model(key, batches, args.size, args.device, dtype, gpu, modes,
+                            5 if args.quick else 10, args.compile_backend)
+        write_outputs(rows, header, args.out, "detector", echo=False)
     write_outputs(rows, header, args.out, "detector")
     return 0
 

@@ -14,6 +14,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+# float32 results are compared with float64 references at ~1e-5: no TF32 (cuDNN's default for
+# float32 convolutions) anywhere in a test, including the gradients composed of aten ops.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
 
 
 def pytest_configure(config):

@@ -59,3 +59,53 @@ def test_report_names_every_backend_and_why():
     assert "automatic choice" in out and "cpu tensors" in out and "cuda tensors" in out
     if not torch.cuda.is_available():
         assert "no CUDA device" in out
+
+
+def _backward_on_another_thread(out, inputs):
+    """Autograd runs the backward of CUDA tensors on its own thread; do the same on the CPU."""
+    import threading
+    result = {}
+
+    def work():
+        result["grads"] = torch.autograd.grad(out.square().sum(), inputs)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    return result["grads"]
+
+
+def _record_calls(monkeypatch, op, backend, function):
+    calls = []
+    module = backends.implementations(op)[backend].load()
+    original = getattr(module, function)
+
+    def spy(*args, **kwargs):
+        calls.append(function)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, function, spy)
+    return calls
+
+
+def test_the_backward_runs_on_the_forward_threads_forced_backend(monkeypatch):
+    """use_backend is per thread: the backward must not lose it on autograd's device thread."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    from tests.msda_cases import make_inputs
+    value, shapes, starts, loc, weights = make_inputs(1, [(4, 5), (2, 3)], 2, 4, 3, 2)
+    inputs = [t.requires_grad_() for t in (value, loc, weights)]
+    calls = _record_calls(monkeypatch, "ms_deform_attn", "reference", "backward")
+    with ghostkernels.use_backend("reference"):
+        out = ghostkernels.ms_deform_attn_softmax(inputs[0], shapes, starts, inputs[1],
+                                                  inputs[2])
+    _backward_on_another_thread(out, inputs)
+    assert calls == ["backward"]
+
+    x = torch.randn(1, 4, 6, 5, requires_grad=True)
+    w1, wc = torch.randn(3, 4, 1, 1), torch.randn(3, 1, 3, 3)
+    residual = torch.randn(1, 6, 6, 5)
+    calls = _record_calls(monkeypatch, "ghost_conv", "reference", "forward")
+    with ghostkernels.use_backend("reference"):
+        y = ghostkernels.ghost_conv(x, w1, None, wc, None, residual=residual)
+    _backward_on_another_thread(y, [x])  # recomputes the core output (residual epilogue)
+    assert calls == ["forward", "forward"]

@@ -96,6 +96,9 @@ def _setup_context(ctx, inputs, output):
     (x, w_primary, b_primary, w_cheap, b_cheap, relu_primary, relu_cheap, out_channels,
      input_scale, gate, residual) = inputs
     ctx.relu = (relu_primary, relu_cheap)
+    # The backward recomputes the core output on this backend; autograd runs the backward of
+    # CUDA tensors on its own thread, where the forward thread's use_backend is not in force.
+    ctx.backend = backends.requested_backend()
     ctx.out_channels = out_channels
     # With an epilogue, y is not the core output: the backward recomputes that (from the biases
     # too) rather than the forward storing it.
@@ -105,6 +108,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y):
+    if ctx.backend is None:  # nothing forced where the forward ran
+        return _backward_on_backend(ctx, grad_y)
+    with backends.use_backend(ctx.backend):  # see _setup_context
+        return _backward_on_backend(ctx, grad_y)
+
+
+def _backward_on_backend(ctx, grad_y):
     x, w_primary, w_cheap, input_scale, gate, *rest = ctx.saved_tensors
     # The dispatcher drops trailing arguments equal to their defaults (None): pad to all 11.
     needs = tuple(ctx.needs_input_grad) + (False,) * (11 - len(ctx.needs_input_grad))

@@ -20,6 +20,7 @@ Kernel contract, the same for every backend module (``forward`` / ``backward``):
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -111,15 +112,19 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
 def _ms_deform_attn_backward(grad_output: torch.Tensor, value: torch.Tensor,
                              spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                              sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
-                             softmax: bool, deterministic: bool
+                             softmax: bool, deterministic: bool, backend: str = ""
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. value, sampling_locations and attention_weights (the logits when
     ``softmax``). ``deterministic``: grad_value through the fixed-point path (backends whose
-    accumulation is deterministic anyway ignore the scale)."""
+    accumulation is deterministic anyway ignore the scale). ``backend``: the backend forced
+    where the forward ran ("": none, the choice in force here applies): autograd runs the
+    backward of CUDA tensors on its own thread, where the forward thread's ``use_backend`` is not
+    in force."""
     if grad_output.numel() == 0 or value.numel() == 0:
         return (torch.zeros_like(value), torch.zeros_like(sampling_locations),
                 torch.zeros_like(attention_weights))
-    impl = backends.resolve(OP, value.device, value.dtype)
+    with backends.use_backend(backend) if backend else contextlib.nullcontext():
+        impl = backends.resolve(OP, value.device, value.dtype)
     grad_output = grad_output.to(value.dtype).contiguous()
     inputs = _kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights)
@@ -135,7 +140,7 @@ def _ms_deform_attn_backward(grad_output: torch.Tensor, value: torch.Tensor,
 
 @_ms_deform_attn_backward.register_fake
 def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-      attention_weights, softmax, deterministic):
+      attention_weights, softmax, deterministic, backend=""):
     return (torch.empty_like(value), torch.empty_like(sampling_locations),
             torch.empty_like(attention_weights))
 
@@ -143,6 +148,7 @@ def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:5])
     ctx.softmax = inputs[5]
+    ctx.backend = backends.requested_backend() or ""  # the forward thread's choice
 
 
 def _backward(ctx, grad_output):
@@ -152,7 +158,7 @@ def _backward(ctx, grad_output):
     deterministic = torch.are_deterministic_algorithms_enabled() and value.device.type == "cuda"
     g_value, g_loc, g_attn = _ms_deform_attn_backward(
         grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-        attention_weights, ctx.softmax, deterministic)
+        attention_weights, ctx.softmax, deterministic, ctx.backend)
     needs = ctx.needs_input_grad
     return (g_value if needs[0] else None, None, None, g_loc if needs[3] else None,
             g_attn if needs[4] else None, None)

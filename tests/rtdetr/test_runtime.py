@@ -97,15 +97,9 @@ def test_folded_forward_builds_no_tensors_from_host_data_after_warmup():
     assert counter.count == 0
 
 
-def _no_tf32():
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_cuda_graph_replay_equals_eager(dtype, tol):
-    _no_tf32()
     model, postprocessor = _folded()
     model = model.cuda().to(dtype)
     graphed = CudaGraphDetector(model, 2, SIZE, SIZE, dtype, postprocessor=postprocessor)
@@ -123,7 +117,6 @@ def test_cuda_graph_replay_equals_eager(dtype, tol):
 
 @pytest.mark.gpu
 def test_compile_inductor_on_gpu_equals_eager():
-    _no_tf32()
     model, postprocessor = _folded()
     model = model.cuda()
     compiled = compile_detector(model, postprocessor)
