@@ -10,7 +10,8 @@ dtypes, ...). This module closes that gap without a GPU:
 - ``python -m tests.triton_aot FILE`` (run WITHOUT ``TRITON_INTERPRET``, so ``triton.jit`` gives
   real JIT functions) compiles each described launch with ``triton.compile`` for
   ``GPUTarget("cuda", 90, 32)`` (H100) down to a cubin with the ptxas that Triton ships, and prints
-  one JSON line per launch: ok, or the compiler's error.
+  one JSON line per launch: ok with the registers and stack (spill) bytes per thread, or the
+  compiler's error.
 """
 from __future__ import annotations
 
@@ -88,7 +89,28 @@ def compile_launch(launch: dict) -> dict:
     source = ASTSource(fn=kernel, signature=launch["signature"], constexprs=launch["constexprs"])
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options=launch["options"] or {})
-    return {"ok": True, "cubin_bytes": len(compiled.asm["cubin"])}
+    return {"ok": True, "cubin_bytes": len(compiled.asm["cubin"]),
+            **resource_usage(compiled.asm["cubin"])}
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and stack (spill) bytes per thread of a cubin, read with the cuobjdump that
+    Triton ships ({} when it is missing)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+    import triton.backends.nvidia
+    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2))} if found else {}
 
 
 def main(path: str) -> int:
