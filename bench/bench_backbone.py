@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from ghostkernels.benchmark import Row, machine_description, time_ms, write_outputs
+from ghostkernels.benchmark import (Row, cuda_graph_replay, machine_description, time_ms,
+                                    write_outputs)
 from ghostkernels import backends
 from rtdetr.models.backbone.ghostnetv3 import GhostNetV3
 
@@ -61,20 +62,6 @@ class Features(torch.nn.Module):
 
     def forward(self, x):
         return self.model.forward_features(x)
-
-
-def cuda_graph(model: torch.nn.Module, x: torch.Tensor):
-    """A callable that replays ``model(x)`` captured in a CUDA graph (static input ``x``)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            model(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model(x)
-    return graph.replay
 
 
 def timed(fn, device, failures: dict, name: str, replay: bool = False) -> float:
@@ -135,8 +122,8 @@ def main(argv=None):
             name = "ghostnetv3 folded fused + CUDA graph"
             with torch.no_grad():  # CUDA graphs capture plain no_grad forwards
                 timings[name] = timed(
-                    lambda: cuda_graph(models["ghostnetv3 folded fused"], x), device, failures,
-                    name, replay=True)
+                    lambda: cuda_graph_replay(lambda: models["ghostnetv3 folded fused"](x)),
+                    device, failures, name, replay=True)
         for name, ms in timings.items():
             ratios = {b: timings[b] / ms for b in BASELINES
                       if b in timings and b != name and not math.isnan(ms)}

@@ -15,7 +15,8 @@ import argparse
 
 import torch
 
-from ghostkernels.benchmark import Row, copy_bandwidth_gbs, machine_description, time_ms, write_outputs
+from ghostkernels.benchmark import (Row, copy_bandwidth_gbs, cuda_graph_replay, machine_description,
+                                    time_ms, write_outputs)
 from ghostkernels import backends, ms_deform_attn, ms_deform_attn_softmax, use_backend
 
 DEC_LEVELS = [(80, 80), (40, 40), (20, 20)]
@@ -89,6 +90,16 @@ def softmax_rows(value, shapes, starts, loc, weights, names, device, label, band
     return rows
 
 
+def graphed_ms(fn, device) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph (NaN if it cannot be captured)."""
+    try:
+        with torch.no_grad():
+            return time_ms(cuda_graph_replay(fn), device)
+    except Exception as exc:  # noqa: BLE001 - report, do not lose the other rows
+        print(f"CUDA graph capture failed: {type(exc).__name__}: {exc}", flush=True)
+        return float("nan")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -136,11 +147,15 @@ def main(argv=None):
 
                     with torch.set_grad_enabled(backward):
                         results[backend] = time_ms(fn, device)
+                    if device == "cuda" and not backward:  # without the host's launch overhead
+                        results[f"{backend} (CUDA graph)"] = graphed_ms(fn, device)
                 for backend, ms in results.items():
-                    label = "grid_sample (reference)" if backend == "reference" else backend
+                    label = backend.replace("reference", "grid_sample (reference)")
                     ratios = {}
-                    if backend != "reference" and "reference" in results:
-                        ratios["grid_sample"] = results["reference"] / ms
+                    baseline = ("reference (CUDA graph)" if backend.endswith("(CUDA graph)")
+                                else "reference")
+                    if backend != baseline and baseline in results:
+                        ratios["grid_sample"] = results[baseline] / ms
                     if on_h100 and (case, mode) in ORIGINAL_OP_H100:
                         ratios["orig CUDA op fp32 (anchors)"] = ORIGINAL_OP_H100[(case, mode)] / ms
                     rows.append(Row(f"msda-{mode}", f"{case} {dname}", label, ms, floor_ms, ratios))

@@ -23,8 +23,9 @@ def make_inputs(N, shapes, M, D, Lq, P, dtype=torch.float64, device="cpu", loc_r
 
 
 def naive_ms_deform_attn(value, spatial_shapes, level_start_index, loc, weights):
-    """Straight from the definition (kernels.md §1.2), one point at a time, in float64."""
-    value, loc, weights = value.double().cpu(), loc.double().cpu(), weights.double().cpu()
+    """Straight from the definition (kernels.md §1.2), one point at a time, in float64. Only the
+    value rows it reads are copied (value may be a multi-GB GPU tensor)."""
+    loc, weights = loc.double().cpu(), weights.double().cpu()
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = loc.shape
     out = torch.zeros(N, Lq, M, D, dtype=torch.float64)
@@ -46,7 +47,8 @@ def naive_ms_deform_attn(value, spatial_shapes, level_start_index, loc, weights)
                             for dx, wx in ((0, 1 - lx), (1, lx)):
                                 yy, xx = y0 + dy, x0 + dx
                                 if 0 <= yy < H and 0 <= xx < W:
-                                    acc += wy * wx * value[n, start + yy * W + xx, m]
+                                    row = value[n, start + yy * W + xx, m]
+                                    acc += wy * wx * row.double().cpu()
                         out[n, q, m] += weights[n, q, m, lvl, p] * acc
     return out.view(N, Lq, M * D)
 
