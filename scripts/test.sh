@@ -7,6 +7,8 @@ bash scripts/setup_env.sh
 . .venv/bin/activate
 # The compiled CPU backend must be present: its absence fails the tests instead of skipping them.
 export GHOSTKERNELS_REQUIRE_EXTENSION=1
+# (nproc obeys OMP_NUM_THREADS: count the processors without it)
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+workers=$(( cpus < 4 ? cpus : 4 ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-workers=$(( $(nproc) < 4 ? $(nproc) : 4 ))
 python -m pytest -n "$workers" --durations=15 "$@"
