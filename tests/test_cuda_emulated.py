@@ -256,6 +256,19 @@ def test_msda_fused_softmax_single_point_has_zero_logit_gradient(emu):
     assert torch.equal(grads[2], torch.zeros_like(grads[2]))
 
 
+def test_msda_at_the_rtdetr_decoder_shape(emu):
+    """RT-DETR's decoder cross-attention (levels 80/40/20, 300 queries, 8 heads x 32 channels,
+    4 points) at batch 2, fp16 with the fused softmax, on a 132-SM grid."""
+    emu.set_sm_count(132)
+    try:
+        inputs = msda_inputs(torch.float16, 32, shapes=((80, 80), (40, 40), (20, 20)), N=2, M=8,
+                             Lq=300, P=4, loc_range=(-0.05, 1.05))
+        logits = (torch.randn(inputs[4].shape) * 2).half()
+        check_msda(emu, (*inputs[:4], logits), softmax=True)
+    finally:
+        emu.set_sm_count(2)
+
+
 @pytest.mark.parametrize("arch", [800, 900])
 @pytest.mark.parametrize("softmax", [False, True])
 @pytest.mark.parametrize("dtype,D", [(torch.float64, 4), (torch.float32, 8), (torch.float16, 8),
@@ -334,6 +347,19 @@ def test_ghost_conv_epilogues(emu, scale, gate, residual, relu_primary, relu_che
 def test_ghost_conv_misaligned_pointers(emu):
     args = ghost_inputs(torch.float16, scale=True, gate=(3, 3), residual=True)
     check_ghost(emu, args, True, True, False, offset=1)
+
+
+def test_ghost_conv_at_a_production_shape(emu):
+    """GhostNetV3-1.0's widest Ghost module, 160 -> 960 at 20x20 (benchmark-protocol.md), fp16
+    channels_last with SE scale, DFC gate and residual: 5 input chunks, 15 channel blocks, 4 tiles
+    on a 132-SM grid."""
+    emu.set_sm_count(132)
+    try:
+        args = ghost_inputs(torch.float16, B=1, Cin=160, H=20, W=20, C1=480, out_channels=960,
+                            scale=True, gate=(10, 10), residual=True)
+        check_ghost(emu, args, True, False, True)
+    finally:
+        emu.set_sm_count(2)
 
 
 # ------------------------------------------------------------------------------------------------
