@@ -57,7 +57,7 @@ def make_trainer(tmp_path, name, **train):
                  "data.image_size=32", "data.multiscale=[24, 32, 40]", "train.batch_size=3",
                  "train.progress=false", "train.ema_warmups=3", "train.warmup_steps=4",
                  f"train.output_dir={tmp_path / name}", "train.eval_every_epochs=0",
-                 "model.num_classes=3"] + [f"train.{k}={v}" for k, v in train.items()]
+                 "model.num_classes=3", "train.device=cpu"] + [f"train.{k}={v}" for k, v in train.items()]
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
     train_set, _ = build_datasets(cfg.data, cfg.train.seed)
@@ -155,22 +155,27 @@ def test_param_groups_and_warmup():
     assert lrs == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4, 1e-5, 1e-5])
 
 
-def test_resume_mid_run_gives_the_same_losses_with_the_real_detector(tmp_path):
-    """The demo detector (GhostNetV3 + denoising, whose noise draws on the RNG) resumed from a
-    checkpoint written inside an epoch repeats the uninterrupted run's losses exactly."""
+def real_detector_trainer(tmp_path, name, **train):
+    """A Trainer of the demo detector (GhostNetV3 + denoising) on a few 64 px synthetic images."""
     from rtdetr.models import build_model
+    overrides = [f"data.root={tmp_path / 'shapes'}", "data.synthetic_num_train=6",
+                 "data.synthetic_num_val=2", "data.synthetic_image_size=64",
+                 "data.image_size=64", "train.batch_size=3", "train.progress=false",
+                 f"train.output_dir={tmp_path / name}", "train.eval_every_epochs=0",
+                 "train.warmup_steps=2"] + [f"train.{k}={v}" for k, v in train.items()]
+    cfg = load_config("demo", overrides)
+    torch.manual_seed(0)
+    model, criterion, postprocessor = build_model(cfg.model)
+    train_set, _ = build_datasets(cfg.data, cfg.train.seed)
+    return Trainer(cfg, model, criterion, postprocessor, train_set)
 
+
+def test_resume_mid_run_gives_the_same_losses_with_the_real_detector(tmp_path):
+    """The demo detector (whose denoising noise draws on the RNG) resumed from a checkpoint
+    written inside an epoch repeats the uninterrupted run's losses exactly (on the CPU: GPU
+    float atomics would change the last bits from run to run)."""
     def trainer(name, **train):
-        overrides = [f"data.root={tmp_path / 'shapes'}", "data.synthetic_num_train=6",
-                     "data.synthetic_num_val=2", "data.synthetic_image_size=64",
-                     "data.image_size=64", "train.batch_size=3", "train.progress=false",
-                     f"train.output_dir={tmp_path / name}", "train.eval_every_epochs=0",
-                     "train.warmup_steps=2"] + [f"train.{k}={v}" for k, v in train.items()]
-        cfg = load_config("demo", overrides)
-        torch.manual_seed(0)
-        model, criterion, postprocessor = build_model(cfg.model)
-        train_set, _ = build_datasets(cfg.data, cfg.train.seed)
-        return Trainer(cfg, model, criterion, postprocessor, train_set)
+        return real_detector_trainer(tmp_path, name, device="cpu", **train)
 
     full = trainer("full", epochs=2)
     full.fit()
@@ -182,3 +187,18 @@ def test_resume_mid_run_gives_the_same_losses_with_the_real_detector(tmp_path):
     assert len(full.losses) == 4 and resumed.losses == full.losses
     for a, b in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_amp_training_steps_on_the_gpu_with_the_real_detector(tmp_path):
+    """AMP (float16 autocast + GradScaler) through the whole detector on a GPU, the ghostkernels
+    ops included: finite losses, every trained weight finite and the weights actually updated."""
+    trainer = real_detector_trainer(tmp_path, "amp", device="cuda", amp="true", epochs=1,
+                                    max_steps=2)
+    assert trainer.amp and trainer.device.type == "cuda"
+    before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    assert len(trainer.losses) == 2 and all(math.isfinite(x) for x in trainer.losses)
+    after = trainer.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
