@@ -31,6 +31,8 @@ def require(backend: str, op: str, dtype: torch.dtype) -> str:
     """Skip (or fail, see module docstring) unless ``backend`` runs ``op`` in ``dtype`` here;
     returns the device to test on."""
     device = device_for(backend)
+    if backend not in backends.implementations(op):
+        pytest.skip(f"{backend} has no implementation of {op}")
     av = backends.availability(backend, device)
     if not av.available:
         if backend == "cpu" and os.environ.get("GHOSTKERNELS_REQUIRE_EXTENSION") == "1":

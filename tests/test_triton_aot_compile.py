@@ -69,6 +69,20 @@ def _depthwise_launches():
             depthwise_conv.forward(x, w, b, k, k, stride, True)
 
 
+def _dfc_launches():
+    from ghostkernels.triton import dfc_gate
+    for dtype, fmt, x in _conv_inputs():
+        for C in (20, 70):  # one and several channel blocks
+            w_proj, b_proj = torch.randn(C, 12).to(dtype), torch.randn(C).to(dtype)
+            w_h, b_h = torch.randn(C, 5).to(dtype), torch.randn(C).to(dtype)
+            w_v, b_v = torch.randn(C, 5).to(dtype), torch.randn(C).to(dtype)
+            dfc_gate.forward(x, w_proj, b_proj, w_h, b_h, w_v, b_v)
+    for fmt in (torch.contiguous_format, torch.channels_last):  # the largest tiles
+        x = torch.randn(1, 4, 48, 48).half().contiguous(memory_format=fmt)
+        params = [torch.randn(40, *shape).half() for shape in ((4,), (), (5,), (), (5,), ())]
+        dfc_gate.forward(x, *params)
+
+
 def _rtdetr_decoder_msda_launches(monkeypatch):
     """The MSDA launches of RT-DETR's decoder at batch 32 (fp16) as an H100 (132 SMs) sizes them."""
     from ghostkernels.triton import ms_deform_attn as msda
@@ -121,7 +135,11 @@ def test_every_triton_launch_compiles_for_sm90(tmp_path):
         _msda_launches()
         _ghost_launches()
         _depthwise_launches()
+        _dfc_launches()
     kernels = {launch["kernel"] for launch in launches}
     assert {"_ms_deform_attn_fwd_kernel", "_ms_deform_attn_bwd_kernel", "_ghost_conv_kernel",
-            "_depthwise_kernel"} <= kernels, kernels
-    _compile_for_sm90(launches, tmp_path)
+            "_depthwise_kernel", "_pool_project_kernel", "_stencil_sigmoid_kernel"} <= kernels, \
+        kernels
+    results = _compile_for_sm90(launches, tmp_path)
+    dfc = [r for r in results if r["kernel"] in ("_pool_project_kernel", "_stencil_sigmoid_kernel")]
+    assert not [r for r in dfc if r.get("stack_bytes", 0) > 0], dfc  # no register spills

@@ -2,5 +2,6 @@
 from ghostkernels.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_softmax
 from ghostkernels.ops.ghost_conv import ghost_conv
 from ghostkernels.ops.depthwise_conv import depthwise_conv
+from ghostkernels.ops.dfc_gate import dfc_gate
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_softmax", "ghost_conv", "depthwise_conv"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_softmax", "ghost_conv", "depthwise_conv", "dfc_gate"]

@@ -30,11 +30,13 @@ CHECKS = ["-fsanitize=alignment,bounds,signed-integer-overflow,shift,integer-div
 MSDA = [KERNEL_DIR / "ms_deform_attn_kernel.cu", HERE / "bindings" / "ms_deform_attn.cpp"]
 GHOST = [KERNEL_DIR / "ghost_conv_kernel.cu", KERNEL_DIR / "depthwise_conv_kernel.cu",
          HERE / "bindings" / "ghost_ops.cpp"]
+DFC_GATE = [KERNEL_DIR / "dfc_gate_kernel.cu", HERE / "bindings" / "dfc_gate.cpp"]
 # name -> (sources: .cu files are rewritten first, __CUDA_ARCH__ the device code sees)
 LIBRARIES = {
     "ms_deform_attn_sm90": (MSDA, 900),
     "ms_deform_attn_sm80": (MSDA, 800),
     "ghost_ops": (GHOST, 900),
+    "dfc_gate": (DFC_GATE, 900),
     "selftest": ([HERE / "selftest_kernels.cu"], 900),
 }
 

@@ -195,17 +195,22 @@ def test_fused_ops_match_plain_pytorch(channels_last, backend, monkeypatch):
     x = torch.rand(2, 3, 67, 45)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    calls = []
-    ghost_conv = ghostkernels.ghost_conv
+    calls, gate_calls = [], []
+    ghost_conv, dfc_gate = ghostkernels.ghost_conv, ghostkernels.dfc_gate
 
     def recording_ghost_conv(*args, **kwargs):
         calls.append({k for k in ("input_scale", "gate", "residual") if kwargs.get(k) is not None})
         return ghost_conv(*args, **kwargs)
 
+    def recording_dfc_gate(*args, **kwargs):
+        gate_calls.append(args[0].shape)
+        return dfc_gate(*args, **kwargs)
+
     monkeypatch.setattr(ghostkernels, "ghost_conv", recording_ghost_conv)
+    monkeypatch.setattr(ghostkernels, "dfc_gate", recording_dfc_gate)
     with torch.no_grad():
         ref = net(x) + [net.forward_classifier(x)]
-        assert not calls
+        assert not calls and not gate_calls
         net.use_fused_ops = True
         with use_backend(backend):
             out = net(x) + [net.forward_classifier(x)]
@@ -219,6 +224,13 @@ def test_fused_ops_match_plain_pytorch(channels_last, backend, monkeypatch):
     assert calls == expected * 2
     for extra in ("input_scale", "gate", "residual"):
         assert any(extra in e for e in expected), extra
+    # the gates come from ghostkernels.dfc_gate where the forced backend implements it (the
+    # reference does; without a dfc_gate kernel they run on depthwise_conv)
+    gated = sum("gate" in e for e in expected)
+    assert gated == 14
+    has_dfc_gate = backend in ghostkernels.backends.implementations("dfc_gate")
+    assert len(gate_calls) == (2 * gated if has_dfc_gate else 0)
+    assert backend != "reference" or has_dfc_gate
 
 
 def test_fused_ops_auto_mode_runs_plain_convs_on_the_cpu(monkeypatch):

@@ -94,18 +94,36 @@ def _sum(branches):
     return total
 
 
+def _dfc_gate_op_runs(x: torch.Tensor) -> bool:
+    """Whether ``ghostkernels.dfc_gate`` can run on x under the current backend selection (a
+    forced backend without a dfc_gate kernel cannot; automatic selection always can)."""
+    if getattr(ghostkernels, "dfc_gate", None) is None:
+        return False
+    try:
+        ghostkernels.backend_for("dfc_gate", x.device, x.dtype)
+    except ghostkernels.BackendUnavailableError:
+        return False
+    return True
+
+
 def _dfc_gate_low_res(short_conv: nn.Sequential, x: torch.Tensor, fused: bool) -> torch.Tensor:
     """The DFC attention gate of a Ghost module from its input ``x``, sigmoided, at the
-    2x2-average-pooled resolution (before the nearest upsampling)."""
-    pooled = F.avg_pool2d(x, kernel_size=2, stride=2)
+    2x2-average-pooled resolution (before the nearest upsampling).
+
+    Fused and folded, it is one ``ghostkernels.dfc_gate`` call (two launches on Triton); where
+    the backend forced for this call has no dfc_gate kernel (``use_backend("cpu")``), the same
+    folded convs run as a 1x1 conv and two ``ghostkernels.depthwise_conv`` calls."""
     if fused and isinstance(short_conv[1], nn.Identity):  # folded: [1x1, Id, 1x5, Id, 5x1, Id]
-        depthwise = _fused_op("depthwise_conv")
         proj, horizontal, vertical = short_conv[0], short_conv[2], short_conv[4]
-        res = F.conv2d(pooled, proj.weight, proj.bias)
+        if _dfc_gate_op_runs(x):
+            return _fused_op("dfc_gate")(x, proj.weight, proj.bias, horizontal.weight,
+                                         horizontal.bias, vertical.weight, vertical.bias)
+        depthwise = _fused_op("depthwise_conv")
+        res = F.conv2d(F.avg_pool2d(x, kernel_size=2, stride=2), proj.weight, proj.bias)
         res = depthwise(res, horizontal.weight, horizontal.bias)
         res = depthwise(res, vertical.weight, vertical.bias)
     else:
-        res = short_conv(pooled)
+        res = short_conv(F.avg_pool2d(x, kernel_size=2, stride=2))
     return torch.sigmoid(res)
 
 

@@ -1,0 +1,67 @@
+// CUDA dispatch of the DFC attention gate: checks the contract, allocates the gate and the fp32
+// scratch in x's memory format and launches the torch-free kernels (dfc_gate_kernel.cu) on the
+// current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/dfc_gate_kernel.h"
+#include "dfc_gate.h"
+
+namespace ghostkernels {
+namespace {
+
+at::Tensor dfc_gate_forward_cuda(const at::Tensor& x, const at::Tensor& w_proj,
+                                 const at::Tensor& b_proj, const at::Tensor& w_h,
+                                 const at::Tensor& b_h, const at::Tensor& w_v,
+                                 const at::Tensor& b_v) {
+  const at::MemoryFormat fmt = check_dfc_gate_inputs(x, w_proj, b_proj, w_h, b_h, w_v, b_v);
+  TORCH_CHECK(x.is_cuda(), "dfc_gate_forward (CUDA kernel): x must be a CUDA tensor");
+  const at::ScalarType t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
+              "dfc_gate_forward (CUDA kernel): x must be float32, float16 or bfloat16, got ", t);
+  const cuda::DType dtype = t == at::kFloat  ? cuda::DType::kFloat32
+                            : t == at::kHalf ? cuda::DType::kFloat16
+                                             : cuda::DType::kBFloat16;
+  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t C = w_proj.size(0);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor gate = at::empty({B, C, H / 2, W / 2}, x.options().memory_format(fmt));
+  if (gate.numel() == 0) return gate;
+  const int64_t channel_blocks = (C + cuda::kDfcChannelBlock - 1) / cuda::kDfcChannelBlock;
+  TORCH_CHECK(channel_blocks <= 65535, "dfc_gate_forward (CUDA kernel): at most ",
+              65535 * cuda::kDfcChannelBlock, " channels, got ", C);
+  TORCH_CHECK(B <= 65535, "dfc_gate_forward (CUDA kernel): batch at most 65535, got ", B);
+  at::Tensor projected = at::empty({B, C, H / 2, W / 2}, x.options().dtype(at::kFloat)
+                                                              .memory_format(fmt));
+
+  cuda::DfcGateArgs args{};
+  args.x = x.data_ptr();
+  args.w_proj = w_proj.data_ptr();
+  args.b_proj = b_proj.data_ptr();
+  args.w_h = w_h.data_ptr();
+  args.b_h = b_h.data_ptr();
+  args.w_v = w_v.data_ptr();
+  args.b_v = b_v.data_ptr();
+  args.projected = projected.data_ptr<float>();
+  args.gate = gate.data_ptr();
+  args.batch = B;
+  args.in_channels = Cin;
+  args.channels = C;
+  args.height = H;
+  args.width = W;
+  args.channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const cudaError_t err =
+      cuda::launch_dfc_gate(args, dtype, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "dfc_gate_forward (CUDA kernel) failed to launch: ",
+              cudaGetErrorString(err));
+  return gate;
+}
+
+}  // namespace
+}  // namespace ghostkernels
+
+TORCH_LIBRARY_IMPL(ghostkernels_C, CUDA, m) {
+  m.impl("dfc_gate_forward", &ghostkernels::dfc_gate_forward_cuda);
+}

@@ -1,0 +1,80 @@
+"""The CUDA kernels of the DFC gate (csrc/cuda/dfc_gate_kernel.cu), executed on the CPU by
+tests/cuda_emulation, against the float64 composition of the five torch ops.
+
+What the emulation does and does not model: tests/cuda_emulation/__init__.py (out-of-bounds reads
+hit NaN guard zones, writes outside the outputs raise, shared memory starts as NaN, barriers are
+real).
+"""
+import ctypes
+
+import pytest
+import torch
+
+from tests.backend_params import TOLERANCE
+from tests.cuda_emulation import build
+from tests.cuda_emulation.kernels import (GHOST_TYPES, EmulatedKernels, _guarded_input, _int64s,
+                                          _ints, _output, _ptr)
+from tests.test_dfc_gate import CASES, make_inputs, plain_gate, rel_err
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["f32", "f16", "bf16"]
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    try:
+        libraries = build.build()
+    except build.CompilerMissing as e:
+        pytest.skip(f"CUDA emulation needs a C++ compiler: {e}")
+    except PermissionError:  # read-only home: build under pytest's temporary directory
+        libraries = build.build(tmp_path_factory.mktemp("cuda_emulation"))
+    return EmulatedKernels(libraries)
+
+
+def emulated_dfc_gate(emu, x, w_proj, b_proj, w_h, b_h, w_v, b_v, *, channels_last, offset=0):
+    """x and the result are NCHW tensors; ``channels_last`` selects the layout the kernels see (the
+    wrapper permutes in and out). The fp32 scratch is allocated (NaN-filled) as
+    csrc/cuda/dfc_gate.cpp does."""
+    B, Cin, H, W = x.shape
+    C = w_proj.shape[0]
+    layout = (lambda t: t.permute(0, 2, 3, 1)) if channels_last else (lambda t: t)
+    pooled_shape = tuple(layout(torch.empty(B, C, H // 2, W // 2)).shape)
+    ins = [_guarded_input(t, offset) for t in (layout(x), w_proj.reshape(C, Cin), b_proj,
+                                                w_h.reshape(C, 5), b_h, w_v.reshape(C, 5), b_v)]
+    projected = _output(pooled_shape, torch.float32, offset)
+    gate = _output(pooled_shape, x.dtype, offset)
+    lib = emu.libs["dfc_gate"]
+    status = lib.gk_dfc_gate(GHOST_TYPES[x.dtype], *(_ptr(g.view) for g in ins),
+                             ctypes.c_void_p(projected.view.data_ptr()), _ptr(gate.view),
+                             _int64s(B, Cin, C, H, W), _ints(channels_last))
+    emu._check(lib, status, "dfc_gate")
+    projected.check_guards("the projected scratch")
+    gate.check_guards("the gate")
+    return gate.view.permute(0, 3, 1, 2).clone() if channels_last else gate.view.clone()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_matches_definition(emu, dtype, name):
+    cfg = CASES[name]
+    args = make_inputs(*cfg, dtype=dtype)
+    out = emulated_dfc_gate(emu, *args, channels_last=cfg[-1])
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert out.shape == (cfg[0], cfg[2], cfg[3] // 2, cfg[4] // 2)
+    assert rel_err(out, plain_gate(*args)) < TOLERANCE[dtype][0], cfg
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_several_input_chunks_and_tiles_misaligned(emu, channels_last):
+    """Cin 70 (three 32-channel chunks, the last partial), C 40 (two channel blocks), 35 pooled
+    pixels (two pixel blocks), batch 2, every buffer one element off its allocation."""
+    args = make_inputs(2, 70, 40, 10, 15, False, dtype=torch.float32)
+    out = emulated_dfc_gate(emu, *args, channels_last=channels_last, offset=1)
+    assert rel_err(out, plain_gate(*args)) < TOLERANCE[torch.float32][0]
+
+
+def test_both_layouts_agree_to_rounding(emu):
+    args = make_inputs(1, 9, 12, 12, 9, False, dtype=torch.float32)
+    nchw = emulated_dfc_gate(emu, *args, channels_last=False)
+    cl = emulated_dfc_gate(emu, *args, channels_last=True)
+    assert rel_err(cl, nchw) < 1e-6
