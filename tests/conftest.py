@@ -10,6 +10,8 @@ import random
 import pytest
 import torch
 
+from tests.cuda_emulation.fixtures import emu  # noqa: F401 - the emulated CUDA kernels fixture
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

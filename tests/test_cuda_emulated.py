@@ -15,22 +15,8 @@ from ghostkernels.reference import ghost_conv as ghost_ref
 from ghostkernels.reference import ms_deform_attn as msda_ref
 from ghostkernels.ops.ms_deform_attn import fixed_point_scale
 from tests.backend_params import TOLERANCE
-from tests.cuda_emulation import build
-from tests.cuda_emulation.kernels import EmulatedKernels, EmulationError
+from tests.cuda_emulation.kernels import EmulationError
 from tests.msda_cases import make_inputs, rel_err
-
-
-@pytest.fixture(scope="session")
-def emu(tmp_path_factory):
-    try:
-        libraries = build.build()
-    except build.CompilerMissing as e:
-        pytest.skip(f"CUDA emulation needs a C++ compiler: {e}")
-    except PermissionError:  # read-only home: build under pytest's temporary directory
-        libraries = build.build(tmp_path_factory.mktemp("cuda_emulation"))
-    kernels = EmulatedKernels(libraries)
-    kernels.set_sm_count(2)
-    return kernels
 
 
 def acc_dtype(dtype):

@@ -11,24 +11,12 @@ import pytest
 import torch
 
 from tests.backend_params import TOLERANCE
-from tests.cuda_emulation import build
-from tests.cuda_emulation.kernels import (GHOST_TYPES, EmulatedKernels, _guarded_input, _int64s,
-                                          _ints, _output, _ptr)
+from tests.cuda_emulation.kernels import (GHOST_TYPES, _guarded_input, _int64s, _ints, _output,
+                                          _ptr)
 from tests.test_dfc_gate import CASES, make_inputs, plain_gate, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["f32", "f16", "bf16"]
-
-
-@pytest.fixture(scope="session")
-def emu(tmp_path_factory):
-    try:
-        libraries = build.build()
-    except build.CompilerMissing as e:
-        pytest.skip(f"CUDA emulation needs a C++ compiler: {e}")
-    except PermissionError:  # read-only home: build under pytest's temporary directory
-        libraries = build.build(tmp_path_factory.mktemp("cuda_emulation"))
-    return EmulatedKernels(libraries)
 
 
 def emulated_dfc_gate(emu, x, w_proj, b_proj, w_h, b_h, w_v, b_v, *, channels_last, offset=0):

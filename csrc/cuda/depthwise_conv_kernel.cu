@@ -28,16 +28,8 @@ __global__ void __launch_bounds__(kThreads)
   const index_t step = static_cast<index_t>(blockDim.x) * gridDim.x;
   for (index_t o = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total;
        o += step) {
-    index_t b, c, oh, ow, rest;
-    if (kChannelsLast) {
-      c = o % C; rest = o / C;
-      ow = rest % Wo; rest /= Wo;
-      oh = rest % Ho; b = rest / Ho;
-    } else {
-      ow = o % Wo; rest = o / Wo;
-      oh = rest % Ho; rest /= Ho;
-      c = rest % C; b = rest / C;
-    }
+    index_t b, c, oh, ow;
+    unflatten_bchw<kChannelsLast>(o, C, Ho, Wo, b, c, oh, ow);
     const T* wk = weight + c * (kh * kw);
     const index_t ih0 = oh * stride - kh / 2, iw0 = ow * stride - kw / 2;
     float s = to_float(bias[c]);

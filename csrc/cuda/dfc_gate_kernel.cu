@@ -109,16 +109,8 @@ __global__ void __launch_bounds__(kThreads) stencil_sigmoid_kernel(DfcGateArgs a
   const index_t step = static_cast<index_t>(blockDim.x) * gridDim.x;
   for (index_t o = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total;
        o += step) {
-    index_t b, c, ph, pw, rest;
-    if (kChannelsLast) {
-      c = o % C; rest = o / C;
-      pw = rest % Wp; rest /= Wp;
-      ph = rest % Hp; b = rest / Hp;
-    } else {
-      pw = o % Wp; rest = o / Wp;
-      ph = rest % Hp; rest /= Hp;
-      c = rest % C; b = rest / C;
-    }
+    index_t b, c, ph, pw;
+    unflatten_bchw<kChannelsLast>(o, C, Hp, Wp, b, c, ph, pw);
     // P[b, c, 0, 0]
     const index_t origin = kChannelsLast ? b * Hp * Wp * C + c : (b * C + c) * Hp * Wp;
     const T* taps_h = w_h + c * kTaps;

@@ -76,6 +76,22 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// (b, c, h, w) of the flat index o of a [B, C, H, W] tensor stored NCHW or channels_last (NHWC).
+template <bool kChannelsLast, typename index_t>
+__device__ __forceinline__ void unflatten_bchw(index_t o, index_t C, index_t H, index_t W,
+                                               index_t& b, index_t& c, index_t& h, index_t& w) {
+  index_t rest;
+  if (kChannelsLast) {
+    c = o % C; rest = o / C;
+    w = rest % W; rest /= W;
+    h = rest % H; b = rest / H;
+  } else {
+    w = o % W; rest = o / W;
+    h = rest % H; rest /= H;
+    c = rest % C; b = rest / C;
+  }
+}
+
 // ReLU that keeps NaN (like torch.relu).
 __device__ __forceinline__ float activate(float v, bool relu) { return (relu && v < 0.f) ? 0.f : v; }
 
