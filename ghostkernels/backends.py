@@ -126,10 +126,13 @@ def format_report() -> str:
             lines.append(f"    {name:<9} {'yes' if av.available else 'no ':<3}  {av.reason}")
         auto = [b for b in _AUTO_ORDER[dev] if backends[b].available]
         lines.append(f"    automatic choice: {auto[0] if auto else 'none'}")
-        for (op, op_dev), order in sorted(_OP_AUTO_ORDER.items()):
-            if op_dev == dev:
-                first = [b for b in order if backends[b].available]
-                lines.append(f"      except {op}: {first[0] if first else 'none'} (measured faster)")
+        for op in sorted(_REGISTRY):
+            first = [b for b in auto_order(op, dev)
+                     if backends[b].available and b in _REGISTRY[op]]
+            if auto and first and first[0] != auto[0]:
+                why = ("measured faster" if (op, dev) in _OP_AUTO_ORDER
+                       else f"{auto[0]} has no {op} kernel")
+                lines.append(f"      except {op}: {first[0]} ({why})")
     forced = requested_backend()
     if forced:
         lines.append(f"  forced backend: {forced}")

@@ -59,6 +59,8 @@ def test_report_names_every_backend_and_why():
     assert "automatic choice" in out and "cpu tensors" in out and "cuda tensors" in out
     if not torch.cuda.is_available():
         assert "no CUDA device" in out
+    if backends.availability("cpu", "cpu").available:  # an op without a C++ CPU kernel
+        assert "except dfc_gate: reference (cpu has no dfc_gate kernel)" in out
 
 
 def _backward_on_another_thread(out, inputs):
