@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from ghostkernels.benchmark import (Row, cuda_graph_replay, machine_description, time_ms,
-                                    write_outputs)
+from ghostkernels.benchmark import (Row, count_ops, cuda_graph_replay, machine_description,
+                                    time_ms, write_outputs)
 from ghostkernels import backends
 from rtdetr.models.backbone.ghostnetv3 import GhostNetV3
 
@@ -109,6 +109,15 @@ def main(argv=None):
     layout = "NCHW" if args.nchw else "channels_last"
     header = (f"## Backbone latency (eval, {layout}, GhostNetV3 width {args.width})\n\n"
               f"Machine: {machine_description(device)}")
+    # Operators per forward (views excluded): the launches a GPU pays for at any batch size.
+    probe = torch.rand(1, 3, 64, 64, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    ops = {}
+    for name, model in models.items():
+        try:
+            ops[name] = count_ops(lambda m=model: m(probe))
+        except Exception:  # noqa: BLE001 - the timing below reports a broken model
+            pass
+    ops["ghostnetv3 folded fused + CUDA graph"] = ops.get("ghostnetv3 folded fused")
     rows = []
     for batch in args.batch:
         case = f"{args.size}x{args.size} bs{batch} {str(dtype).replace('torch.', '')}"
@@ -127,8 +136,10 @@ def main(argv=None):
         for name, ms in timings.items():
             ratios = {b: timings[b] / ms for b in BASELINES
                       if b in timings and b != name and not math.isnan(ms)}
-            note = failures.get(name) or (f"ghostkernels backend: {fused_backend}"
-                                          if "fused" in name else "")
+            note = failures.get(name) or "; ".join(
+                part for part in (f"{ops[name]} ops" if ops.get(name) else "",
+                                  f"ghostkernels backend: {fused_backend}" if "fused" in name
+                                  else "") if part)
             rows.append(Row("backbone", case, name, ms, ratios=ratios, note=note))
         write_outputs(rows, header, args.out, "backbone", echo=False)
     write_outputs(rows, header, args.out, "backbone")

@@ -45,6 +45,30 @@ def cuda_graph_replay(fn):
     return graph.replay
 
 
+# Ops that only make a new view (no kernel launch): not counted by count_ops.
+VIEW_OPS = frozenset({"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "flatten",
+                      "permute", "transpose", "t", "expand", "as_strided", "alias", "detach",
+                      "slice", "select"})
+
+
+def count_ops(fn) -> int:
+    """How many operators ``fn()`` dispatches, views excluded (each is at least one kernel launch
+    on a GPU): a device-independent measure of launch overhead, which dominates small batches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in VIEW_OPS:
+                Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Counter():
+        fn()
+    return Counter.count
+
+
 def copy_bandwidth_gbs(device: str) -> float:
     """Device-to-device copy bandwidth, bytes read + written per second (2 GiB copy on a GPU)."""
     n = (2 << 30) // 4 if device == "cuda" else (256 << 20) // 4

@@ -233,6 +233,18 @@ def test_fused_ops_match_plain_pytorch(channels_last, backend, monkeypatch):
     assert backend != "reference" or has_dfc_gate
 
 
+def test_fused_forward_dispatches_a_third_of_the_plain_ops():
+    """The fusions (Ghost module, DFC gate, SE scaling, residual) cut the operators, hence the
+    kernel launches, of a folded forward: counted, not timed."""
+    from ghostkernels.benchmark import count_ops
+    net = _folded_pair()
+    x = torch.rand(1, 3, 64, 64)
+    plain = count_ops(lambda: net(x))
+    net.use_fused_ops = True
+    fused = count_ops(lambda: net(x))
+    assert 3 * fused < plain, (fused, plain)
+
+
 def test_fused_ops_auto_mode_runs_plain_convs_on_the_cpu(monkeypatch):
     net = _folded_pair()
     net.use_fused_ops = "auto"
