@@ -28,7 +28,7 @@ MODELS = {"r18": ("RT-DETR-R18", "rtdetr_r18vd"),
 MODES = ("unfolded eager", "folded eager", "folded + fused", "folded + fused + CUDA graph",
          "torch.compile")
 BASELINE = "unfolded eager"
-OPS = ("ms_deform_attn", "ghost_conv", "depthwise_conv", "dfc_gate")
+OPS = ("ms_deform_attn", "ghost_conv", "depthwise_conv", "dfc_gate", "se_excitation")
 # Official RT-DETRv2-R18 after deploy(), model forward at 640x640, batch 1, on the 2-core
 # development CPU (shared/spec/anchors.md); measured separately, so only quoted in the header.
 OFFICIAL_R18_CPU_MS = 500.0

@@ -83,6 +83,18 @@ def _dfc_launches():
         dfc_gate.forward(x, *params)
 
 
+# GhostNetV3's SE sizes (C, R = make_divisible(C / 4, 4)), plus tiny and odd ones
+SE_SIZES = ((72, 20), (120, 32), (240, 60), (480, 120), (672, 168), (960, 240), (1, 1), (7, 3))
+
+
+def _se_launches():
+    from ghostkernels.triton import se_excitation
+    for dtype in DTYPES:
+        for C, R in SE_SIZES:
+            params = [torch.randn(*shape).to(dtype) for shape in ((R, C), (R,), (C, R), (C,))]
+            se_excitation.forward(torch.randn(2, C).to(dtype), *params)
+
+
 def _rtdetr_decoder_msda_launches(monkeypatch):
     """The MSDA launches of RT-DETR's decoder at batch 32 (fp16) as an H100 (132 SMs) sizes them."""
     from ghostkernels.triton import ms_deform_attn as msda
@@ -136,10 +148,12 @@ def test_every_triton_launch_compiles_for_sm90(tmp_path):
         _ghost_launches()
         _depthwise_launches()
         _dfc_launches()
+        _se_launches()
     kernels = {launch["kernel"] for launch in launches}
     assert {"_ms_deform_attn_fwd_kernel", "_ms_deform_attn_bwd_kernel", "_ghost_conv_kernel",
-            "_depthwise_kernel", "_pool_project_kernel", "_stencil_sigmoid_kernel"} <= kernels, \
-        kernels
+            "_depthwise_kernel", "_pool_project_kernel", "_stencil_sigmoid_kernel",
+            "_se_excitation_kernel"} <= kernels, kernels
     results = _compile_for_sm90(launches, tmp_path)
-    dfc = [r for r in results if r["kernel"] in ("_pool_project_kernel", "_stencil_sigmoid_kernel")]
-    assert not [r for r in dfc if r.get("stack_bytes", 0) > 0], dfc  # no register spills
+    no_spills = ("_pool_project_kernel", "_stencil_sigmoid_kernel", "_se_excitation_kernel")
+    checked = [r for r in results if r["kernel"] in no_spills]
+    assert not [r for r in checked if r.get("stack_bytes", 0) > 0], checked  # no register spills

@@ -3,5 +3,7 @@ from ghostkernels.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_softm
 from ghostkernels.ops.ghost_conv import ghost_conv
 from ghostkernels.ops.depthwise_conv import depthwise_conv
 from ghostkernels.ops.dfc_gate import dfc_gate
+from ghostkernels.ops.se_excitation import se_excitation
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_softmax", "ghost_conv", "depthwise_conv", "dfc_gate"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_softmax", "ghost_conv", "depthwise_conv", "dfc_gate",
+           "se_excitation"]

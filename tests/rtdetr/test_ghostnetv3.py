@@ -195,8 +195,9 @@ def test_fused_ops_match_plain_pytorch(channels_last, backend, monkeypatch):
     x = torch.rand(2, 3, 67, 45)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    calls, gate_calls = [], []
+    calls, gate_calls, se_calls = [], [], []
     ghost_conv, dfc_gate = ghostkernels.ghost_conv, ghostkernels.dfc_gate
+    se_excitation = ghostkernels.se_excitation
 
     def recording_ghost_conv(*args, **kwargs):
         calls.append({k for k in ("input_scale", "gate", "residual") if kwargs.get(k) is not None})
@@ -206,11 +207,16 @@ def test_fused_ops_match_plain_pytorch(channels_last, backend, monkeypatch):
         gate_calls.append(args[0].shape)
         return dfc_gate(*args, **kwargs)
 
+    def recording_se_excitation(*args, **kwargs):
+        se_calls.append(args[0].shape)
+        return se_excitation(*args, **kwargs)
+
     monkeypatch.setattr(ghostkernels, "ghost_conv", recording_ghost_conv)
     monkeypatch.setattr(ghostkernels, "dfc_gate", recording_dfc_gate)
+    monkeypatch.setattr(ghostkernels, "se_excitation", recording_se_excitation)
     with torch.no_grad():
         ref = net(x) + [net.forward_classifier(x)]
-        assert not calls and not gate_calls
+        assert not calls and not gate_calls and not se_calls
         net.use_fused_ops = True
         with use_backend(backend):
             out = net(x) + [net.forward_classifier(x)]
@@ -231,6 +237,12 @@ def test_fused_ops_match_plain_pytorch(channels_last, backend, monkeypatch):
     has_dfc_gate = backend in ghostkernels.backends.implementations("dfc_gate")
     assert len(gate_calls) == (2 * gated if has_dfc_gate else 0)
     assert backend != "reference" or has_dfc_gate
+    # likewise the SE excitations from ghostkernels.se_excitation (else plain 1x1 convs)
+    excited = sum("input_scale" in e for e in expected)
+    assert excited == 7
+    has_se_excitation = backend in ghostkernels.backends.implementations("se_excitation")
+    assert len(se_calls) == (2 * excited if has_se_excitation else 0)
+    assert backend != "reference" or has_se_excitation
 
 
 def test_fused_forward_dispatches_a_third_of_the_plain_ops():
@@ -243,6 +255,22 @@ def test_fused_forward_dispatches_a_third_of_the_plain_ops():
     net.use_fused_ops = True
     fused = count_ops(lambda: net(x))
     assert 3 * fused < plain, (fused, plain)
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+def test_fused_se_excitation_is_two_operators(backend):
+    """Fused, the SE excitation is the channel mean plus one ghostkernels.se_excitation (five
+    operators unfused); under a forced backend without that op (cpu: no C++ kernel, extension
+    built or not) it falls back to the plain ones, with the same factors."""
+    from ghostkernels.benchmark import count_ops
+    se = SqueezeExcite(24)
+    x = torch.randn(2, 24, 5, 7)
+    with torch.no_grad(), use_backend(backend):
+        plain, fused = se.excitation(x), se.excitation(x, fused=True)
+        assert count_ops(lambda: se.excitation(x)) == 5
+        has_op = backend in ghostkernels.backends.implementations("se_excitation")
+        assert count_ops(lambda: se.excitation(x, fused=True)) == (2 if has_op else 5)
+    assert rel_err(fused, plain) < 1e-6
 
 
 def test_fused_ops_auto_mode_runs_plain_convs_on_the_cpu(monkeypatch):

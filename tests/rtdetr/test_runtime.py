@@ -11,7 +11,8 @@ from tests.rtdetr.detector_cases import (SIZE, assert_same_detections, one_threa
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CUSTOM_OPS = {"ghostkernels.ghost_conv.default", "ghostkernels.depthwise_conv.default",
-              "ghostkernels.ms_deform_attn.default", "ghostkernels.dfc_gate.default"}
+              "ghostkernels.ms_deform_attn.default", "ghostkernels.dfc_gate.default",
+              "ghostkernels.se_excitation.default"}
 
 
 def _folded():

@@ -18,7 +18,8 @@ folding) takes the fused ops for tensors on a GPU and plain PyTorch on the CPU, 
 convolutions beat the fused kernels (BENCHMARKS.md). On fused ops the small
 elementwise steps around each Ghost module go into its ``ghost_conv`` call: the DFC gate (computed
 at half resolution, upsampled inside the kernel) as ghost1's ``gate``, the SE excitation as
-ghost2's ``input_scale`` and the shortcut as ghost2's ``residual``.
+ghost2's ``input_scale`` (its MLP after the channel means one ``ghostkernels.se_excitation``
+call) and the shortcut as ghost2's ``residual``.
 """
 from __future__ import annotations
 
@@ -94,13 +95,14 @@ def _sum(branches):
     return total
 
 
-def _dfc_gate_op_runs(x: torch.Tensor) -> bool:
-    """Whether ``ghostkernels.dfc_gate`` can run on x under the current backend selection (a
-    forced backend without a dfc_gate kernel cannot; automatic selection always can)."""
-    if getattr(ghostkernels, "dfc_gate", None) is None:
+def _op_runs(name: str, x: torch.Tensor) -> bool:
+    """Whether ``ghostkernels.<name>`` can run on x under the current backend selection (a forced
+    backend without a kernel for that op, e.g. ``use_backend("cpu")`` for dfc_gate, cannot;
+    automatic selection always can)."""
+    if getattr(ghostkernels, name, None) is None:
         return False
     try:
-        ghostkernels.backend_for("dfc_gate", x.device, x.dtype)
+        ghostkernels.backend_for(name, x.device, x.dtype)
     except ghostkernels.BackendUnavailableError:
         return False
     return True
@@ -115,7 +117,7 @@ def _dfc_gate_low_res(short_conv: nn.Sequential, x: torch.Tensor, fused: bool) -
     folded convs run as a 1x1 conv and two ``ghostkernels.depthwise_conv`` calls."""
     if fused and isinstance(short_conv[1], nn.Identity):  # folded: [1x1, Id, 1x5, Id, 5x1, Id]
         proj, horizontal, vertical = short_conv[0], short_conv[2], short_conv[4]
-        if _dfc_gate_op_runs(x):
+        if _op_runs("dfc_gate", x):
             return _fused_op("dfc_gate")(x, proj.weight, proj.bias, horizontal.weight,
                                          horizontal.bias, vertical.weight, vertical.bias)
         depthwise = _fused_op("depthwise_conv")
@@ -219,8 +221,14 @@ class SqueezeExcite(nn.Module):
         self.conv_reduce = nn.Conv2d(channels, reduced, 1, bias=True)
         self.conv_expand = nn.Conv2d(reduced, channels, 1, bias=True)
 
-    def excitation(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-(image, channel) factors [B, C] that ``forward`` multiplies x by."""
+    def excitation(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """The per-(image, channel) factors [B, C] that ``forward`` multiplies x by. ``fused``:
+        the MLP after the mean is one ``ghostkernels.se_excitation`` call (four operators in one)
+        where the backend selection has that op."""
+        if fused and _op_runs("se_excitation", x):
+            return _fused_op("se_excitation")(x.mean((2, 3)), self.conv_reduce.weight,
+                                              self.conv_reduce.bias, self.conv_expand.weight,
+                                              self.conv_expand.bias)
         s = x.mean((2, 3), keepdim=True)
         return F.hardsigmoid(self.conv_expand(F.relu(self.conv_reduce(s)))).flatten(1)
 
@@ -280,7 +288,8 @@ class GhostBottleneckV3(nn.Module):
         y = self._depthwise(self.ghost1(x))
         if runs_fused(self.deployed, self.use_fused_ops, x):
             # SE multiply -> ghost2 scales its input as it reads it; shortcut add -> its epilogue
-            scale = self.se.excitation(y) if isinstance(self.se, SqueezeExcite) else None
+            scale = (self.se.excitation(y, fused=True) if isinstance(self.se, SqueezeExcite)
+                     else None)
             return self.ghost2(y, input_scale=scale, residual=self._shortcut(x))
         return self.ghost2(self.se(y)) + self._shortcut(x)
 
