@@ -23,20 +23,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _pool_project_kernel(x_ptr, w_ptr, b_ptr, p_ptr, Cin, C, Wp, NP,
-                         sxb, sxc, sxh, sxw, spb, spc, sph, spw, pix_blocks, chan_blocks,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Channel block fastest: neighbouring programs read the same x tile (L2 reuse).
+def _tile(pix_blocks, chan_blocks, NP, Wp, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's image, pooled pixels (row, column, in-map mask) and channels (and mask);
+    the channel block varies fastest, so neighbouring programs read the same input tile."""
     pid = tl.program_id(0)
     cb = pid % chan_blocks
     pb = (pid // chan_blocks) % pix_blocks
     b = pid // (chan_blocks * pix_blocks)
     pix = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    pix_ok = pix < NP
-    ph = pix // Wp
-    pw = pix % Wp
     chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    chan_ok = chans < C
+    return b, pix // Wp, pix % Wp, pix < NP, chans, chans < C
+
+
+@triton.jit
+def _pool_project_kernel(x_ptr, w_ptr, b_ptr, p_ptr, Cin, C, Wp, NP,
+                         sxb, sxc, sxh, sxw, spb, spc, sph, spw, pix_blocks, chan_blocks,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    b, ph, pw, pix_ok, chans, chan_ok = _tile(pix_blocks, chan_blocks, NP, Wp, C, BLOCK_P,
+                                              BLOCK_C)
 
     window = x_ptr + b.to(tl.int64) * sxb + (2 * ph * sxh + 2 * pw * sxw)[:, None]
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
@@ -61,16 +65,8 @@ def _pool_project_kernel(x_ptr, w_ptr, b_ptr, p_ptr, Cin, C, Wp, NP,
 def _stencil_sigmoid_kernel(p_ptr, wh_ptr, bh_ptr, wv_ptr, bv_ptr, g_ptr, C, Hp, Wp, NP,
                             spb, spc, sph, spw, sgb, sgc, sgh, sgw, pix_blocks, chan_blocks,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr):
-    pid = tl.program_id(0)
-    cb = pid % chan_blocks
-    pb = (pid // chan_blocks) % pix_blocks
-    b = pid // (chan_blocks * pix_blocks)
-    pix = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    pix_ok = pix < NP
-    ph = pix // Wp
-    pw = pix % Wp
-    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    chan_ok = chans < C
+    b, ph, pw, pix_ok, chans, chan_ok = _tile(pix_blocks, chan_blocks, NP, Wp, C, BLOCK_P,
+                                              BLOCK_C)
 
     p_img = p_ptr + b.to(tl.int64) * spb + chans[None, :] * spc
     b_h = tl.load(bh_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
