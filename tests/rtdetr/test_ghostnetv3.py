@@ -416,7 +416,9 @@ def test_channels_last_input_gives_the_same_features():
     x = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
         for a, b in zip(net(x), net(x.to(memory_format=torch.channels_last))):
-            assert rel_err(b, a) < 1e-6
+            # the float32 tolerance of benchmark-protocol.md: oneDNN's NHWC and NCHW convolutions
+            # round differently, through 16 blocks with random BN (1.04e-6 was seen once)
+            assert rel_err(b, a) < 1e-5
 
 
 def test_bad_input_raises_clear_errors():
