@@ -5,19 +5,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "ghost_ops.h"  // activation_memory_format
+#include "ghost_ops.h"  // activation_memory_format, check_vector_param
 
 namespace ghostkernels {
-
-static void check_param(const char* name, const at::Tensor& t, const at::Tensor& x,
-                        at::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(),
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ",
-              t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
 
 at::MemoryFormat check_dfc_gate_inputs(const at::Tensor& x, const at::Tensor& w_proj,
                                        const at::Tensor& b_proj, const at::Tensor& w_h,
@@ -27,12 +17,12 @@ at::MemoryFormat check_dfc_gate_inputs(const at::Tensor& x, const at::Tensor& w_
   TORCH_CHECK(x.size(2) >= 2 && x.size(3) >= 2, "x must be at least 2x2, got shape ", x.sizes());
   TORCH_CHECK(w_proj.dim() == 2, "w_proj must be 2-d [C,Cin], got shape ", w_proj.sizes());
   const int64_t c = w_proj.size(0);
-  check_param("w_proj", w_proj, x, {c, x.size(1)});
-  check_param("b_proj", b_proj, x, {c});
-  check_param("w_h", w_h, x, {c, 5});
-  check_param("b_h", b_h, x, {c});
-  check_param("w_v", w_v, x, {c, 5});
-  check_param("b_v", b_v, x, {c});
+  check_vector_param("w_proj", w_proj, x, {c, x.size(1)});
+  check_vector_param("b_proj", b_proj, x, {c});
+  check_vector_param("w_h", w_h, x, {c, 5});
+  check_vector_param("b_h", b_h, x, {c});
+  check_vector_param("w_v", w_v, x, {c, 5});
+  check_vector_param("b_v", b_v, x, {c});
   return activation_memory_format(x);
 }
 

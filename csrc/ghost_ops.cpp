@@ -16,8 +16,8 @@ at::MemoryFormat activation_memory_format(const at::Tensor& x) {
   return at::MemoryFormat::ChannelsLast;
 }
 
-static void check_vector_param(const char* name, const at::Tensor& t, const at::Tensor& x,
-                               at::IntArrayRef shape) {
+void check_vector_param(const char* name, const at::Tensor& t, const at::Tensor& x,
+                        at::IntArrayRef shape) {
   TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(),
               ", got ", t.scalar_type());

@@ -16,6 +16,10 @@ namespace ghostkernels {
 // dense in channels_last).
 at::MemoryFormat activation_memory_format(const at::Tensor& x);
 
+// A weight/bias-like tensor: exactly `shape`, x's dtype and device, contiguous (named in errors).
+void check_vector_param(const char* name, const at::Tensor& t, const at::Tensor& x,
+                        at::IntArrayRef shape);
+
 // Checks x [B,Cin,H,W], w_primary [C1,Cin], b_primary [C1], w_cheap [C1,9], b_cheap [C1],
 // C1 <= out_channels <= 2*C1, and the optional input_scale [B,Cin] (contiguous), gate
 // [B,out_channels,Hg,Wg] and residual [B,out_channels,H,W] (both dense in x's memory format);

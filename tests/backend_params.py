@@ -19,6 +19,12 @@ TOLERANCE = {  # (forward rel, gradient rel) against the float64 reference; benc
 }
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 on the CPU: the error measure of every tolerance here."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def device_for(backend: str) -> str:
     if backend == "cuda":
         return "cuda"

@@ -12,7 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import ghostkernels
 from ghostkernels import use_backend
 from ghostkernels import backends
-from tests.backend_params import TOLERANCE, backend_params, require
+from tests.backend_params import TOLERANCE, backend_params, rel_err, require
 
 OP = "dfc_gate"
 # Every backend that implements the op (no C++ cpu kernel: tests/backend_params.require expects
@@ -76,11 +76,6 @@ def plain_gate(x, w_proj, b_proj, w_h, b_h, w_v, b_v):
 def expected_format(cfg):
     B, Cin, C, H, W, channels_last = cfg
     return torch.channels_last if channels_last and Cin > 1 else torch.contiguous_format
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def run(backend, *args):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghostkernels import fold
+from tests.backend_params import rel_err
 
 
 def random_bn(channels: int, dtype=torch.float64, eps: float = 1e-5, affine: bool = True):
@@ -20,10 +21,6 @@ def random_bn(channels: int, dtype=torch.float64, eps: float = 1e-5, affine: boo
             bn.weight.normal_(0, 1)
             bn.bias.normal_(0, 1)
     return bn.eval()
-
-
-def rel_err(out, ref):
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import ghostkernels
 from ghostkernels import use_backend
-from tests.backend_params import ALL_BACKENDS, TOLERANCE, backend_params, require
+from tests.backend_params import ALL_BACKENDS, TOLERANCE, backend_params, rel_err, require
 
 OP = "ghost_conv"
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -71,11 +71,6 @@ def expected_format(cfg):
     if channels_last and Cin > 1 and H * W > 1:
         return torch.channels_last
     return torch.contiguous_format
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def run(backend, x, w_primary, b_primary, w_cheap, b_cheap, act_p, act_c, out_channels):

@@ -13,14 +13,10 @@ import ghostkernels
 from ghostkernels.ops.ms_deform_attn import fixed_point_scale
 from ghostkernels.reference import ms_deform_attn as reference
 from ghostkernels.triton import ms_deform_attn as tms
+from tests.backend_params import rel_err as rel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-2), torch.bfloat16: (1.5e-2, 5e-2)}
-
-
-def rel(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def levels(shapes):

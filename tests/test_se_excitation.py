@@ -11,7 +11,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import ghostkernels
 from ghostkernels import backends, use_backend
-from tests.backend_params import TOLERANCE, backend_params, require
+from tests.backend_params import TOLERANCE, backend_params, rel_err, require
 
 OP = "se_excitation"
 IMPLEMENTED_BACKENDS = backend_params(*(b for b in backends.BACKENDS
@@ -63,11 +63,6 @@ def plain_excitation(pooled, w_reduce, b_reduce, w_expand, b_expand):
     s = pooled[:, :, None, None]
     s = F.relu(F.conv2d(s, w_reduce.reshape(R, C, 1, 1), b_reduce))
     return F.hardsigmoid(F.conv2d(s, w_expand.reshape(C, R, 1, 1), b_expand)).flatten(1)
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def run(backend, *args):

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "cuda/dfc_gate_kernel.h"
+#include "cuda/launch_checks.h"
 #include "dfc_gate.h"
 
 namespace ghostkernels {
@@ -18,12 +19,7 @@ at::Tensor dfc_gate_forward_cuda(const at::Tensor& x, const at::Tensor& w_proj,
                                  const at::Tensor& b_v) {
   const at::MemoryFormat fmt = check_dfc_gate_inputs(x, w_proj, b_proj, w_h, b_h, w_v, b_v);
   TORCH_CHECK(x.is_cuda(), "dfc_gate_forward (CUDA kernel): x must be a CUDA tensor");
-  const at::ScalarType t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
-              "dfc_gate_forward (CUDA kernel): x must be float32, float16 or bfloat16, got ", t);
-  const cuda::DType dtype = t == at::kFloat  ? cuda::DType::kFloat32
-                            : t == at::kHalf ? cuda::DType::kFloat16
-                                             : cuda::DType::kBFloat16;
+  const cuda::DType dtype = kernel_dtype(x, "dfc_gate_forward");
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t C = w_proj.size(0);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -52,10 +48,8 @@ at::Tensor dfc_gate_forward_cuda(const at::Tensor& x, const at::Tensor& w_proj,
   args.height = H;
   args.width = W;
   args.channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  const cudaError_t err =
-      cuda::launch_dfc_gate(args, dtype, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "dfc_gate_forward (CUDA kernel) failed to launch: ",
-              cudaGetErrorString(err));
+  check_launch(cuda::launch_dfc_gate(args, dtype, c10::cuda::getCurrentCUDAStream().stream()),
+               "dfc_gate_forward");
   return gate;
 }
 

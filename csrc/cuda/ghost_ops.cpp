@@ -9,24 +9,11 @@
 #include <limits>
 
 #include "cuda/ghost_ops_kernel.h"
+#include "cuda/launch_checks.h"
 #include "ghost_ops.h"
 
 namespace ghostkernels {
 namespace {
-
-cuda::DType kernel_dtype(const at::Tensor& x, const char* op) {
-  const at::ScalarType t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
-              " (CUDA kernel): x must be float32, float16 or bfloat16, got ", t);
-  return t == at::kFloat ? cuda::DType::kFloat32
-         : t == at::kHalf ? cuda::DType::kFloat16
-                          : cuda::DType::kBFloat16;
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, " (CUDA kernel) failed to launch: ",
-              cudaGetErrorString(err));
-}
 
 at::Tensor ghost_conv_forward_cuda(const at::Tensor& x, const at::Tensor& w_primary,
                                    const at::Tensor& b_primary, const at::Tensor& w_cheap,

@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cuda/launch_checks.h"
 #include "cuda/ms_deform_attn_kernel.h"
 
 #include "ms_deform_attn.h"
@@ -42,10 +43,6 @@ msda_cuda::Sizes sizes_of(const at::Tensor& value, const at::Tensor& sampling_lo
   return sz;
 }
 
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "ms_deform_attn (CUDA) ", what, " failed: ", cudaGetErrorString(err));
-}
-
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                        const at::Tensor& level_start_index,
                                        const at::Tensor& sampling_locations,
@@ -63,7 +60,7 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
                                   sampling_locations.const_data_ptr(),
                                   attention_weights.const_data_ptr(), softmax,
                                   out.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
-               "forward");
+               "ms_deform_attn_forward");
   return out;
 }
 
@@ -101,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
                                    grad_value_sum.mutable_data_ptr(), grad_loc.mutable_data_ptr(),
                                    grad_attn.mutable_data_ptr(),
                                    c10::cuda::getCurrentCUDAStream().stream()),
-               "backward");
+               "ms_deform_attn_backward");
   if (!fixed_point) return {grad_value_sum, grad_loc, grad_attn};
   at::Tensor grad_value = grad_value_sum.to(at::kDouble).div_(*fixed_point_scale).to(acc_dtype);
   return {grad_value, grad_loc, grad_attn};

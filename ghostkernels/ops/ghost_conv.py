@@ -158,16 +158,18 @@ def parse_act(name: str, act) -> bool:
     raise ValueError(f"{name} must be one of {ACTIVATIONS} or None, got {act!r}")
 
 
-def check_bias(name: str, bias, channels: int, x: torch.Tensor, like: str) -> torch.Tensor:
-    """The bias as a [channels] tensor of x's dtype/device (zeros for None), validated."""
+def check_bias(name: str, bias, channels: int, x: torch.Tensor, like: str,
+               x_name: str = "x") -> torch.Tensor:
+    """The bias as a [channels] tensor of x's dtype/device (zeros for None), validated; errors
+    call x ``x_name``."""
     if bias is None:
         return x.new_zeros(channels)
     require_tensor(name, bias)
     if tuple(bias.shape) != (channels,):
         raise ValueError(f"{name} must have shape [{channels}] (one per channel of {like}), "
                          f"got {tuple(bias.shape)}")
-    require_same_dtype(name, bias, "x", x)
-    require_same_device(name, bias, "x", x)
+    require_same_dtype(name, bias, x_name, x)
+    require_same_device(name, bias, x_name, x)
     return bias
 
 

@@ -27,6 +27,7 @@ import torch
 from ghostkernels import backends
 from ghostkernels.checks import (FLOATING, require_dim_size, require_dtype, require_ndim,
                                  require_same_device, require_same_dtype, require_tensor)
+from ghostkernels.ops.ghost_conv import check_bias
 from ghostkernels.reference import se_excitation as reference
 
 OP = "se_excitation"
@@ -75,18 +76,6 @@ def _check_weight(name: str, weight, rows: str, cols: str, pooled: torch.Tensor)
     return weight
 
 
-def _check_bias(name: str, bias, size: int, like: str, pooled: torch.Tensor) -> torch.Tensor:
-    if bias is None:
-        return pooled.new_zeros(size)
-    require_tensor(name, bias)
-    if tuple(bias.shape) != (size,):
-        raise ValueError(f"{name} must have shape [{size}] (one per output channel of {like}), "
-                         f"got {tuple(bias.shape)}")
-    require_same_dtype(name, bias, "pooled", pooled)
-    require_same_device(name, bias, "pooled", pooled)
-    return bias
-
-
 def se_excitation(pooled: torch.Tensor, w_reduce: torch.Tensor, b_reduce: torch.Tensor | None,
                   w_expand: torch.Tensor, b_expand: torch.Tensor | None) -> torch.Tensor:
     """The SE excitation ``hardsigmoid(w_expand @ relu(w_reduce @ pooled + b_reduce) +
@@ -118,8 +107,8 @@ def se_excitation(pooled: torch.Tensor, w_reduce: torch.Tensor, b_reduce: torch.
     w_expand = _check_weight("w_expand", w_expand, "C", "R", pooled)
     require_dim_size("w_expand", w_expand, 0, C, "channels C of pooled")
     require_dim_size("w_expand", w_expand, 1, R, "hidden channels R of w_reduce")
-    b_reduce = _check_bias("b_reduce", b_reduce, R, "w_reduce", pooled)
-    b_expand = _check_bias("b_expand", b_expand, C, "w_expand", pooled)
+    b_reduce = check_bias("b_reduce", b_reduce, R, pooled, "w_reduce", "pooled")
+    b_expand = check_bias("b_expand", b_expand, C, pooled, "w_expand", "pooled")
     if backends.decomposing():  # plain linear/relu/hardsigmoid for exporters
         return reference.forward(pooled, w_reduce, b_reduce, w_expand, b_expand)
     return _se_excitation(pooled, w_reduce, b_reduce, w_expand, b_expand)

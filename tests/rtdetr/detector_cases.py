@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from rtdetr.models import build_model
+from tests.backend_params import rel_err as rel
 
 TINY_GHOST = {"num_classes": 4,
               "backbone": {"name": "ghostnetv3", "width": 0.5, "out_indices": [4, 6, 8]},
@@ -35,11 +36,6 @@ def tiny_detector():
     model, _, postprocessor = build_model(TINY_GHOST)
     randomize_bn(model)
     return model.eval(), postprocessor
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def assert_same_detections(out, ref, tol: float = 1e-5, tie: float = 1e-5) -> None:

@@ -7,16 +7,13 @@ import torchvision
 from rtdetr.models.box_ops import (box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid,
                                    pairwise_box_iou, pairwise_generalized_box_iou,
                                    paired_box_iou, paired_generalized_box_iou)
+from tests.backend_params import rel_err as rel
 
 
 def random_xyxy(n, dtype=torch.float64):
     cxcywh = torch.cat([torch.rand(n, 2, dtype=dtype), 0.02 + 0.6 * torch.rand(n, 2, dtype=dtype)],
                        dim=1)
     return box_cxcywh_to_xyxy(cxcywh)
-
-
-def rel(out, ref):
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def test_conversions_hand_case_and_round_trip():

@@ -10,10 +10,7 @@ from rtdetr.models.decoder import RTDETRDecoder, generate_anchors
 from rtdetr.models.denoising import contrastive_denoising_group
 from rtdetr.models.hybrid_encoder import CSPRepLayer, RepVggBlock, sincos_position_embedding
 from tests.rtdetr.detector_cases import randomize_bn
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
+from tests.backend_params import rel_err as rel
 
 
 # ------------------------------------------------------------------ positional embedding

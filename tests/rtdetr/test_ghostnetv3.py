@@ -14,7 +14,7 @@ from ghostkernels import use_backend
 from rtdetr.models.backbone.ghostnetv3 import IMAGENET_MEAN, IMAGENET_STD, GhostNetV3
 from rtdetr.models.backbone.ghostnetv3_blocks import GhostBottleneckV3, SqueezeExcite
 from tests.rtdetr.detector_cases import randomize_bn
-from tests.backend_params import backend_params, require
+from tests.backend_params import backend_params, rel_err, require
 
 WIDTHS = (0.5, 1.0, 1.3, 1.6)
 # outputs of blocks[0..9] (spec §2.3)
@@ -40,10 +40,6 @@ def _one_thread():
 
 def n_params(model: nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def conv_linear_macs(model: GhostNetV3, size: int = 224) -> float:
