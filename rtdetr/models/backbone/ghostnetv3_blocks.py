@@ -101,6 +101,8 @@ def _op_runs(name: str, x: torch.Tensor) -> bool:
     automatic selection always can)."""
     if getattr(ghostkernels, name, None) is None:
         return False
+    if ghostkernels.backends.requested_backend() is None:  # automatic: nothing to look up
+        return True
     try:
         ghostkernels.backend_for(name, x.device, x.dtype)
     except ghostkernels.BackendUnavailableError:
