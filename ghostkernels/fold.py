@@ -33,14 +33,24 @@ def _pair(name: str, kernel_size) -> tuple[int, int]:
     return kernel_size
 
 
-def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def _is_frozen_bn(bn) -> bool:
+    """A frozen BatchNorm (torchvision.ops.FrozenBatchNorm2d and look-alikes): the four fixed
+    per-channel buffers and ``eps``, always applied as in eval mode."""
+    return isinstance(bn, nn.Module) and all(
+        isinstance(getattr(bn, name, None), torch.Tensor)
+        for name in ("weight", "bias", "running_mean", "running_var")) and hasattr(bn, "eps")
+
+
+def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The eval-mode BatchNorm as ``y * scale + shift`` per channel (its own eps, running stats).
 
-    Returns ``(scale, shift)`` of shape ``[C]``. A BatchNorm without affine parameters uses
-    gamma = 1, beta = 0. One without running statistics has no eval-mode affine form: ValueError.
+    ``bn``: a BatchNorm module, or a frozen one (torchvision's FrozenBatchNorm2d). Returns
+    ``(scale, shift)`` of shape ``[C]``. A BatchNorm without affine parameters uses gamma = 1,
+    beta = 0. One without running statistics has no eval-mode affine form: ValueError.
     """
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        raise TypeError(f"bn must be a BatchNorm module, got {type(bn).__name__}")
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) and not _is_frozen_bn(bn):
+        raise TypeError(f"bn must be a BatchNorm module (or a FrozenBatchNorm2d), "
+                        f"got {type(bn).__name__}")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("bn must track running statistics (track_running_stats=True) to be "
                          "folded; it has none")
@@ -54,22 +64,22 @@ def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, t
     return scale, shift
 
 
-def fold_conv_bn(weight: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm,
+def fold_conv_bn(weight: torch.Tensor, bn: nn.Module,
                  bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``bn(conv(x, weight) + bias)`` into one conv: returns ``(weight', bias')``.
 
     ``weight`` is ``[Cout, Cin/groups, kh, kw]`` (any conv, grouped or not); ``bias`` ``[Cout]`` or
-    None; ``bn`` has ``Cout`` channels.
+    None; ``bn`` (a BatchNorm or FrozenBatchNorm2d) has ``Cout`` channels.
     """
     if weight.dim() != 4:
         raise ValueError(f"weight must be a 4-d conv kernel [Cout, Cin/groups, kh, kw], "
                          f"got shape {tuple(weight.shape)}")
-    if bn.num_features != weight.shape[0]:
+    scale, shift = bn_scale_shift(bn)
+    if scale.numel() != weight.shape[0]:
         raise ValueError(f"bn must have as many channels as the conv's outputs "
-                         f"({weight.shape[0]}), got num_features={bn.num_features}")
+                         f"({weight.shape[0]}), got num_features={scale.numel()}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    scale, shift = bn_scale_shift(bn)
     folded_bias = shift if bias is None else bias * scale + shift
     return weight * scale.reshape(-1, 1, 1, 1), folded_bias
 
@@ -139,7 +149,7 @@ def sum_branches(branches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     return weight, bias
 
 
-def fused_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> nn.Conv2d:
+def fused_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     """A new ``nn.Conv2d`` (with bias, same geometry) equal to ``bn(conv(x))`` in eval mode."""
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")

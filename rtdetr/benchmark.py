@@ -3,7 +3,7 @@
 Per model and batch: unfolded eager (training structure), folded eager, folded + fused ops,
 folded + fused + CUDA graph (GPU only), torch.compile (inductor, folded + fused). "Eager" rows run
 every ghostkernels op on its ``reference`` backend (plain PyTorch); "fused" rows on the automatic
-choice (named in the note). GPU: fp16 weights and inputs, channels_last, batch 1 and 32; CPU: fp32,
+choice (named in the note). Weights and inputs channels_last; GPU: fp16, batch 1 and 32; CPU: fp32,
 batch 1 (benchmark-protocol.md).
 
     rtdetr bench                          # GPU if present, else CPU
@@ -160,14 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     if gpu:
         torch.backends.cudnn.benchmark = True
     header = (f"# Detector end to end (model + postprocessor, random weights)\n\n"
-              f"{machine_description(args.device)}; {'fp16 channels_last' if gpu else 'fp32'}; "
+              f"{machine_description(args.device)}; {'fp16' if gpu else 'fp32'} channels_last; "
               f"median of {'do_bench' if gpu else ('5' if args.quick else '10') + ' runs'}.")
     if not gpu:
         header += (f"\nOfficial RT-DETRv2-R18 folded, model forward, 640x640 batch 1 on the 2-core "
                    f"development CPU: {OFFICIAL_R18_CPU_MS:.0f} ms (anchors.md, a separate run).")
     rows = []
     for key in args.models:
-        rows += bench_model(key, batches, args.size, args.device, dtype, gpu, modes,
+        rows += bench_model(key, batches, args.size, args.device, dtype, True, modes,
                             5 if args.quick else 10, args.compile_backend)
         write_outputs(rows, header, args.out, "detector", echo=False)
     write_outputs(rows, header, args.out, "detector")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ghostkernels.nn import MSDeformAttn
-from rtdetr.models.backbone.presnet import make_activation
+from rtdetr.models.backbone.presnet import ConvNorm, make_activation
 from rtdetr.models.box_ops import inverse_sigmoid
 from rtdetr.models.denoising import contrastive_denoising_group
 
@@ -97,10 +97,10 @@ class RTDETRDecoder(nn.Module):
         self.eval_idx = eval_idx % num_decoder_layers
         self.learnt_init_query = learnt_init_query
 
-        self.input_proj = nn.ModuleList(self._proj(c, hidden_dim, 1) for c in feat_channels)
+        self.input_proj = nn.ModuleList(ConvNorm(c, hidden_dim, 1) for c in feat_channels)
         ch = feat_channels[-1]
         for _ in range(num_levels - len(feat_channels)):  # extra levels: 3x3 stride-2 conv + BN
-            self.input_proj.append(self._proj(ch, hidden_dim, 3, 2))
+            self.input_proj.append(ConvNorm(ch, hidden_dim, 3, 2))
             ch = hidden_dim
 
         layer_args = (hidden_dim, nhead, dim_feedforward, dropout, activation, num_levels, num_points)
@@ -121,12 +121,6 @@ class RTDETRDecoder(nn.Module):
                                            for _ in range(num_decoder_layers))
         self._anchor_cache: dict = {}
         self._reset_parameters()
-
-    @staticmethod
-    def _proj(ch_in: int, ch_out: int, k: int, stride: int = 1) -> nn.Sequential:
-        return nn.Sequential(OrderedDict([
-            ("conv", nn.Conv2d(ch_in, ch_out, k, stride, (k - 1) // 2, bias=False)),
-            ("norm", nn.BatchNorm2d(ch_out))]))
 
     def _reset_parameters(self) -> None:
         bias = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
@@ -189,16 +183,17 @@ class RTDETRDecoder(nn.Module):
                              f"feature maps {shapes} hold only {memory.shape[1]} positions")
         output_memory = self.enc_output(memory * valid_mask)
         enc_logits = self.enc_score_head(output_memory)
-        enc_coord_unact = self.enc_bbox_head(output_memory) + anchors
-        topk_ind = enc_logits.max(-1).values.topk(self.num_queries, dim=1).indices
-        ref_unact = enc_coord_unact.gather(1, topk_ind[..., None].expand(-1, -1, 4))
-        enc_topk_logits = enc_logits.gather(
-            1, topk_ind[..., None].expand(-1, -1, enc_logits.shape[-1]))
+        index = enc_logits.max(-1).values.topk(self.num_queries, dim=1).indices[..., None]
+        topk_memory = output_memory.gather(1, index.expand(-1, -1, output_memory.shape[-1]))
+        # The box head works row by row, so it runs on the selected rows only (num_queries of S:
+        # 300 of 8400 at 640x640), which equals selecting its output for every row.
+        ref_unact = self.enc_bbox_head(topk_memory) + anchors.expand(
+            memory.shape[0], -1, -1).gather(1, index.expand(-1, -1, 4))
+        enc_topk_logits = enc_logits.gather(1, index.expand(-1, -1, enc_logits.shape[-1]))
         if self.learnt_init_query:
             content = self.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
         else:
-            content = output_memory.gather(
-                1, topk_ind[..., None].expand(-1, -1, output_memory.shape[-1])).detach()
+            content = topk_memory.detach()
         return content, ref_unact, enc_topk_logits
 
     def forward(self, feats: Sequence[torch.Tensor], targets: list[dict] | None = None) -> dict:

@@ -6,7 +6,6 @@ same strides. RepVGG blocks fold into one 3x3 conv with :meth:`RepVggBlock.repar
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -133,10 +132,7 @@ class HybridEncoder(nn.Module):
         self.use_encoder_idx = list(use_encoder_idx)
         self.out_channels = [hidden_dim] * len(in_channels)
         self.out_strides = list(feat_strides)
-        self.input_proj = nn.ModuleList(
-            nn.Sequential(OrderedDict([("conv", nn.Conv2d(c, hidden_dim, 1, bias=False)),
-                                       ("norm", nn.BatchNorm2d(hidden_dim))]))
-            for c in in_channels)
+        self.input_proj = nn.ModuleList(ConvNorm(c, hidden_dim, 1) for c in in_channels)
         layer = TransformerEncoderLayer(hidden_dim, nhead, dim_feedforward, dropout, enc_act)
         self.encoder = nn.ModuleList(TransformerEncoder(layer, num_encoder_layers)
                                      for _ in self.use_encoder_idx)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from rtdetr.models import build_model
 from tests.backend_params import rel_err as rel
@@ -23,7 +24,7 @@ def randomize_bn(model: nn.Module) -> nn.Module:
     returns the model."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)

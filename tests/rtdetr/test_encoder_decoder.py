@@ -236,3 +236,32 @@ def test_decoder_rejects_inputs_smaller_than_num_queries():
     dec = _decoder(num_queries=50).eval()
     with pytest.raises(ValueError, match="num_queries=50"):
         dec(_feats(h=4, w=4))  # 16 + 4 + 1 = 21 positions < 50 queries
+
+
+def test_query_selection_equals_box_head_over_every_position_then_top_k():
+    """The encoder box head runs on the top-k rows only; it must equal RT-DETR's formulation
+    (box head over all S positions + anchors, then gather the top k), values and gradients."""
+    torch.manual_seed(0)
+    dec = _decoder(num_levels=4).double().train()
+    for mlp in [dec.enc_bbox_head]:
+        nn.init.normal_(mlp.layers[-1].weight, std=0.3)
+    feats = [f.double() for f in _feats(h=24, w=20)]
+    memory, shapes = dec._flatten_memory(feats)
+    content, ref_unact, topk_logits = dec._select_queries(memory, shapes)
+    # the official formulation, written out
+    anchors, valid = dec.anchors(shapes, memory.device, memory.dtype)
+    out_mem = dec.enc_output(memory * valid)
+    logits = dec.enc_score_head(out_mem)
+    coords = dec.enc_bbox_head(out_mem) + anchors
+    idx = logits.max(-1).values.topk(dec.num_queries, dim=1).indices
+    expect_ref = torch.stack([c[i] for c, i in zip(coords, idx)])
+    expect_content = torch.stack([m[i] for m, i in zip(out_mem, idx)])
+    assert torch.isfinite(expect_ref).any()
+    torch.testing.assert_close(ref_unact, expect_ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(content, expect_content, rtol=1e-12, atol=0)
+    torch.testing.assert_close(topk_logits, torch.stack([g[i] for g, i in zip(logits, idx)]))
+    finite = torch.isfinite(expect_ref)
+    grads = torch.autograd.grad(ref_unact[finite].sum(), list(dec.enc_bbox_head.parameters()))
+    expect = torch.autograd.grad(expect_ref[finite].sum(), list(dec.enc_bbox_head.parameters()))
+    for g, e in zip(grads, expect):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)

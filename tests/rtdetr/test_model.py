@@ -1,10 +1,12 @@
 """The assembled RT-DETR: parameter count, outputs in train/eval, deploy(), empty targets, sizes."""
 import pytest
 import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from rtdetr.models import ModelConfig, build_detector, build_model, load_model_config
 from rtdetr.models.hybrid_encoder import RepVggBlock
-from tests.rtdetr.detector_cases import randomize_bn
+from tests.rtdetr.detector_cases import TINY_GHOST, randomize_bn
 
 CONFIGS = "rtdetr/configs"
 TINY = {"num_classes": 5,
@@ -121,10 +123,21 @@ def test_empty_target_batches_keep_the_same_graph():
     assert all(len(p) == 0 for p in out["dn_meta"]["dn_positive_idx"])
 
 
-def test_deploy_equals_unfolded_eval_model():
-    model = build_detector(ModelConfig.from_dict(TINY)).double()
+DEPLOY_CASES = {
+    "r18": {},
+    "r18-frozen-norm-extra-level": {"backbone": {"name": "presnet18", "freeze_norm": True},
+                                    "decoder": {**TINY["decoder"], "num_levels": 4}},
+    "ghostnetv3": {"backbone": TINY_GHOST["backbone"]},
+}
+
+
+@pytest.mark.parametrize("case", DEPLOY_CASES)
+def test_deploy_equals_unfolded_eval_model_and_leaves_no_norm(case):
+    model = build_detector(ModelConfig.from_dict({**TINY, **DEPLOY_CASES[case]})).double()
     randomize_bn(model)
     model.eval()
+    norms = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == ("frozen" in case)
     x = torch.rand(2, 3, 64, 96, dtype=torch.float64)
     with torch.no_grad():
         ref = model(x)
@@ -133,8 +146,28 @@ def test_deploy_equals_unfolded_eval_model():
     assert not model.training
     blocks = [m for m in model.modules() if isinstance(m, RepVggBlock)]
     assert blocks and all(hasattr(b, "conv") and not hasattr(b, "conv1") for b in blocks)
+    # every conv+BN folded: backbone, encoder (input projections, CSP, lateral/downsample convs)
+    # and the decoder's input projections
+    assert [n for n, m in model.named_modules() if isinstance(m, norms)] == []
     for key in ("pred_logits", "pred_boxes"):
         assert ((out[key] - ref[key]).norm() / ref[key].norm()).item() < 1e-10
+    model.deploy()  # idempotent
+    with torch.no_grad():
+        again = model(x)
+    assert torch.equal(again["pred_boxes"], out["pred_boxes"])
+
+
+def test_conv_norm_state_dict_keys_are_unchanged_for_official_checkpoints():
+    """The input projections became ConvNorm modules: their keys must stay RT-DETR's
+    (``input_proj.i.conv.weight``, ``input_proj.i.norm.*``)."""
+    model = build_detector(ModelConfig.from_dict(
+        {**TINY, "decoder": {**TINY["decoder"], "num_levels": 4}}))
+    keys = model.state_dict().keys()
+    for prefix, levels in (("encoder.input_proj", 3), ("decoder.input_proj", 4)):
+        for i in range(levels):
+            assert {f"{prefix}.{i}.conv.weight", f"{prefix}.{i}.norm.weight",
+                    f"{prefix}.{i}.norm.running_var"} <= keys
+            assert f"{prefix}.{i}.conv.bias" not in keys
 
 
 def test_overfit_one_batch_loss_falls():

@@ -3,7 +3,8 @@
 Module names follow RT-DETR's ``presnet.py`` (``conv1.conv1_1``, ``res_layers.i.blocks.j.branch2a``,
 ``short.conv``...) so its Paddle-converted ImageNet checkpoints load unchanged.
 Interface shared with every backbone of the detector: ``out_channels``, ``out_strides``,
-``forward(x) -> list of feature maps`` and ``reparameterize()`` (a no-op here: nothing to fold).
+``forward(x) -> list of feature maps`` and ``reparameterize()`` (here: every conv+BN, frozen or
+not, folded into one biased conv).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
+
+from ghostkernels.fold import fused_conv_bn
 
 DEPTHS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -38,6 +41,15 @@ class ConvNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.conv(x)))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the norm (eval statistics) into a biased conv; the norm becomes an Identity.
+        Idempotent."""
+        if isinstance(self.norm, nn.Identity):
+            return
+        self.conv = fused_conv_bn(self.conv, self.norm)
+        self.norm = nn.Identity()
 
 
 def _shortcut(ch_in: int, ch_out: int, stride: int) -> nn.Module:
@@ -150,8 +162,12 @@ class PResNet(nn.Module):
         if freeze_norm:
             _freeze_norm(self)
 
+    @torch.no_grad()
     def reparameterize(self) -> None:
-        """Nothing to fold (BatchNorm stays); present so every backbone has the same interface."""
+        """Fold every conv+BN (frozen or not) into one biased conv, with the eval statistics."""
+        for module in self.modules():
+            if isinstance(module, ConvNorm):
+                module.reparameterize()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.pool(self.conv1(x))
