@@ -9,9 +9,10 @@ dtypes, ...). This module closes that gap without a GPU:
   types, constexpr values, num_warps): exactly the specialisations the launchers produce.
 - ``python -m tests.triton_aot FILE`` (run WITHOUT ``TRITON_INTERPRET``, so ``triton.jit`` gives
   real JIT functions) compiles each described launch with ``triton.compile`` for
-  ``GPUTarget("cuda", 90, 32)`` (H100) down to a cubin with the ptxas that Triton ships, and prints
-  one JSON line per launch: ok with the registers and stack (spill) bytes per thread, or the
-  compiler's error.
+  ``GPUTarget("cuda", 90, 32)`` (H100) down to a cubin with the ptxas that Triton ships, with the
+  specialisation the JIT would give the same arguments (divisibility by 16, the constant 1), and
+  prints one JSON line per launch: ok with the registers and stack (spill) bytes per thread and
+  the global loads by width, or the compiler's error.
 """
 from __future__ import annotations
 
@@ -23,22 +24,18 @@ import traceback
 
 import torch
 
-_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-                  torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32",
-                  torch.int8: "*i8", torch.uint8: "*u8", torch.bool: "*i1"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
 
 
-def _arg_type(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return _POINTER_TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unsupported kernel argument {value!r}")
+def _specialize(value) -> tuple[str, object]:
+    """``(type, attribute)`` of one runtime argument, computed by the function that Triton's JIT
+    itself calls at launch (``native_specialize_impl``): pointers whose address and ints whose
+    value are multiples of 16 get the divisibility attribute ``"D"`` (which lets the compiler
+    vectorise loads and prove alignment), and an int equal to 1 becomes the constant 1. Compiling
+    with the same specialisation as the JIT gives the code (and registers) a GPU would run."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    return native_specialize_impl(BaseBackend, value, False, True, True)
 
 
 def describe_launch(kernel, args, kwargs) -> dict:
@@ -49,16 +46,23 @@ def describe_launch(kernel, args, kwargs) -> dict:
     params = list(inspect.signature(fn).parameters.values())
     bound = dict(zip([p.name for p in params], args))
     bound.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for p in params:
         value = bound.get(p.name, p.default)
         if p.annotation is tl.constexpr or p.annotation == "tl.constexpr" or value is None:
             signature[p.name] = "constexpr"
             constexprs[p.name] = value
-        else:
-            signature[p.name] = _arg_type(value)
+            continue
+        kind, attr = _specialize(value)
+        if kind == "constexpr":  # the JIT's specialisation of the int 1
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = attr
+            continue
+        signature[p.name] = kind
+        if attr:
+            attrs[p.name] = attr
     return {"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
-            "constexprs": constexprs,
+            "constexprs": constexprs, "attrs": attrs,
             "options": {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}}
 
 
@@ -85,12 +89,33 @@ def compile_launch(launch: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.backends.compiler import BaseBackend
     kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
-    source = ASTSource(fn=kernel, signature=launch["signature"], constexprs=launch["constexprs"])
+    names = list(launch["signature"])
+    attrs = {(names.index(name),): BaseBackend.parse_attr(desc)
+             for name, desc in launch.get("attrs", {}).items()}
+    source = ASTSource(fn=kernel, signature=launch["signature"], constexprs=launch["constexprs"],
+                       attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options=launch["options"] or {})
     return {"ok": True, "cubin_bytes": len(compiled.asm["cubin"]),
+            "global_loads": global_loads(compiled.asm["ptx"]),
             **resource_usage(compiled.asm["cubin"])}
+
+
+def global_loads(ptx: str) -> dict[str, int]:
+    """How many global-memory load instructions of each shape the PTX has, as
+    ``"<vector length>x<bits>"``: ``ld.global.v4.b32`` (16 bytes per thread) counts as ``"4x32"``,
+    ``ld.global.b16`` as ``"1x16"``."""
+    import re
+    counts: dict[str, int] = {}
+    for op in re.findall(r"\bld\.global\.\S+", ptx):
+        parts = op.split(".")
+        vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+        bits = int(re.fullmatch(r"[bfsu](\d+)", parts[-1]).group(1))
+        key = f"{vec}x{bits}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -123,6 +148,7 @@ def main(path: str) -> int:
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-3000:],
                       "trace": traceback.format_exc()[-2000:]}
         result["kernel"] = launch["kernel"]
+        result["signature"] = launch["signature"]
         print(json.dumps(result), flush=True)
     return 0
 
