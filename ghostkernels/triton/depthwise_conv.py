@@ -53,6 +53,18 @@ def _depthwise_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, Ho, Wo,
     tl.store(y_pix, acc.to(y_ptr.dtype.element_ty), mask=pix_ok[:, None] & chan_ok[None, :])
 
 
+# Tile elements per thread. Compiled for sm_90 (Triton 3.8, fp16 at GhostNetV3's shapes), 8 per
+# thread spills (channels_last 2 x 8 pixels x 64 channels with 4 warps: 72 registers and 88 B of
+# stack) and 16 per thread takes 168 registers (NCHW 8 x 32 pixels x 8 channels with 4 warps:
+# little occupancy for a memory-bound kernel); at 4 per thread (1024-element tiles, 8 warps) the
+# 3x3 kernels use 48-72 registers without spills and the 5x5 ones at most 24 B of stack. 16 warps
+# made ptxas (triton 3.6) hold a 5x5 kernel to 64 registers with 56 B of stack. A static choice
+# (tests/test_triton_aot_compile.py), not timed.
+ELEMENTS_PER_THREAD = 4
+MAX_WARPS = 8
+TILE_ELEMENTS = 1024
+
+
 def _pow2_at_most(n: int, cap: int) -> int:
     return min(cap, triton.next_power_of_2(max(n, 1)))
 
@@ -67,20 +79,21 @@ def forward(x, weight, bias, kh: int, kw: int, stride: int, relu: bool, out=None
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = out if out is not None else torch.empty((B, C, Ho, Wo), dtype=x.dtype, device=x.device,
                                                 memory_format=fmt)
-    # ~1-2K fp32 accumulators per program: a wide pixel tile for NCHW (contiguous along W),
+    # TILE_ELEMENTS fp32 accumulators per program: a wide pixel tile for NCHW (contiguous along W),
     # a wide channel block for channels_last (contiguous along C).
     block_c = _pow2_at_most(C, 64 if channels_last else 8)
     tile_w = _pow2_at_most(Wo, 32 if not channels_last else 8)
-    tile_h = _pow2_at_most(Ho, max(1, (2048 if not channels_last else 1024) // (tile_w * block_c)))
+    tile_h = _pow2_at_most(Ho, max(1, TILE_ELEMENTS // (tile_w * block_c)))
     tiles_w, tiles_h = triton.cdiv(Wo, tile_w), triton.cdiv(Ho, tile_h)
     chan_blocks = triton.cdiv(C, block_c)
     if max(x[0].numel(), y[0].numel()) >= 2**31:
         raise ValueError("the Triton kernel indexes within one image in int32: each image of x and "
                          f"y must have fewer than 2**31 elements, got x {tuple(x.shape)}, "
                          f"y {tuple(y.shape)}")
+    num_warps = max(1, min(MAX_WARPS, tile_h * tile_w * block_c // (32 * ELEMENTS_PER_THREAD)))
     grid = (B * tiles_h * tiles_w * chan_blocks,)
     _depthwise_kernel[grid](
         x, weight, bias, y, C, H, W, Ho, Wo, *x.stride(), *y.stride(), tiles_w, tiles_h,
         chan_blocks, KH=kh, KW=kw, STRIDE=stride, RELU=bool(relu), TILE_H=tile_h, TILE_W=tile_w,
-        BLOCK_C=block_c, num_warps=4)
+        BLOCK_C=block_c, num_warps=num_warps)
     return y
