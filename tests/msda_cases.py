@@ -24,6 +24,21 @@ def make_inputs(N, shapes, M, D, Lq, P, dtype=torch.float64, device="cpu", loc_r
             loc.to(device=device, dtype=dtype), weights.to(device=device, dtype=dtype))
 
 
+def away_from_pixel_boundaries(loc, spatial_shapes, margin: float = 1e-3):
+    """``loc`` with every coordinate moved at least ``margin`` pixels away from the integer pixel
+    coordinates (``loc * size - 0.5`` integral), where bilinear sampling has a kink in the
+    location: a finite-difference gradcheck (eps 1e-6) straddling one fails although the
+    analytical gradient is right. Coordinates already clear of them are unchanged."""
+    sizes = spatial_shapes.flip(-1).to(loc.dtype)  # (w, h) per level, matching loc's (x, y)
+    sizes = sizes.view(1, 1, 1, -1, 1, 2)
+    pix = loc.detach() * sizes - 0.5
+    nearest = pix.round()
+    offset = pix - nearest
+    close = offset.abs() < margin
+    moved = nearest + torch.where(offset >= 0, 2 * margin, -2 * margin)
+    return torch.where(close, (moved + 0.5) / sizes, loc.detach())
+
+
 def naive_ms_deform_attn(value, spatial_shapes, level_start_index, loc, weights):
     """Straight from the definition (kernels.md §1.2), one point at a time, in float64. Only the
     value rows it reads are copied (value may be a multi-GB GPU tensor)."""

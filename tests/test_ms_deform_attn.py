@@ -10,7 +10,8 @@ import ghostkernels
 from ghostkernels import use_backend
 from ghostkernels.reference.ms_deform_attn import ms_deform_attn_forward as reference_forward
 from tests.backend_params import ALL_BACKENDS, TOLERANCE, backend_params, require
-from tests.msda_cases import make_inputs, naive_ms_deform_attn, rel_err
+from tests.msda_cases import (away_from_pixel_boundaries, make_inputs, naive_ms_deform_attn,
+                              rel_err)
 
 OP = "ms_deform_attn"
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -92,6 +93,7 @@ def test_gradcheck_float64(backend):
     require(backend, OP, torch.float64)
     for name in ("basic", "L5-odd-D5"):
         value, shapes, starts, loc, weights = make_inputs(*CASES[name])
+        loc = away_from_pixel_boundaries(loc, shapes)
         inputs = [t.requires_grad_() for t in (value, loc, weights)]
         with use_backend(backend):
             assert torch.autograd.gradcheck(
@@ -277,3 +279,17 @@ def test_level_checks_are_not_skipped_for_a_new_tensor_with_a_reused_address():
     op_module._validated[key] = op_module._validated[next(iter(op_module._validated))]
     with pytest.raises(ValueError, match="level_start_index"):
         ghostkernels.ms_deform_attn(args[0], args[1], bad, args[3], args[4])
+
+
+def test_away_from_pixel_boundaries_moves_only_near_kinks():
+    shapes = torch.tensor([[4, 8], [1, 1]])
+    pixels = torch.tensor([[2.0 + 1e-6, 1.5], [3.0 - 2e-4, 0.25]], dtype=torch.float64)  # (x, y)
+    loc = torch.empty(1, 1, 1, 2, 2, 2, dtype=torch.float64)
+    for lvl, (h, w) in enumerate(shapes.tolist()):
+        loc[0, 0, 0, lvl] = (pixels + 0.5) / torch.tensor([w, h], dtype=torch.float64)
+    moved = away_from_pixel_boundaries(loc, shapes)
+    for lvl, (h, w) in enumerate(shapes.tolist()):
+        pix = moved[0, 0, 0, lvl] * torch.tensor([w, h], dtype=torch.float64) - 0.5
+        assert ((pix - pix.round()).abs() >= 1e-3 - 1e-12).all(), pix
+        assert (pix - pixels).abs().max() < 3e-3
+        assert pix[0, 1] == 1.5 and pix[1, 1] == 0.25  # already clear: unchanged
