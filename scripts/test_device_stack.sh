@@ -25,7 +25,7 @@ fi
 # rejects ("only 0-dimensional arrays can be converted"); compiled Triton code is unaffected.
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
   "torch==2.11.0" "torchvision==0.26.0" "triton==3.6.0" "numpy<2.4" setuptools wheel ninja \
-  pyyaml scipy tqdm pillow pytest pytest-xdist pycocotools timm onnx onnxruntime
+  pyyaml scipy tqdm pillow pytest pytest-xdist pytest-benchmark pycocotools timm onnx onnxruntime
 "$VENV/bin/python" -c "import torch, triton; print('device stack: torch', torch.__version__, \
 '(CUDA', torch.version.cuda + ') triton', triton.__version__)"
 echo "device stack installed in $(( $(date +%s) - start )) s"

@@ -6,10 +6,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_suite_runs_every_case_once():
+    pytest.importorskip("pytest_benchmark", reason="the suite needs pytest-benchmark "
+                        "(scripts/setup_env.sh installs it)")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "pytest", "bench/test_benchmarks.py",
                            "--benchmark-disable", "-q", "-p", "no:cacheprovider", "-p",
