@@ -7,15 +7,18 @@ Swap the import, keep the call:
     # mmcv / mmdet (mmcv.ops.multi_scale_deform_attn)
     from ghostkernels.compat import (MultiScaleDeformableAttnFunction,
                                      multi_scale_deformable_attn_pytorch)
-    # RT-DETR (src/zoo/rtdetr/utils.py)
-    from ghostkernels.compat import deformable_attention_core_func
+    # RT-DETR and RT-DETRv2 (src/zoo/rtdetr/utils.py)
+    from ghostkernels.compat import (deformable_attention_core_func,
+                                     deformable_attention_core_func_v2)
 
 Every entry point runs :func:`ghostkernels.ms_deform_attn` (autograd on every backend, float16 and
 bfloat16 as well as float32, torch.compile): the same ``[N, Lq, M*D]`` result as the original.
 Differences from the originals, all in the caller's favour: ``im2col_step`` is accepted and ignored
 (no chunking, so no rule that it divide the batch); the level shapes may be a tensor of any integer
 dtype on any device or, as RT-DETR passes them, a list of ``(h, w)`` pairs; the functions without a
-``level_start_index`` argument derive it from the shapes.
+``level_start_index`` argument derive it from the shapes. RT-DETRv2's per-level point counts may
+differ between levels (the kernels take one count: the levels with fewer points are padded with
+zero-weight points); its ``"discrete"`` sampling method is not provided.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from ghostkernels.ops.ms_deform_attn import ms_deform_attn
 
 __all__ = ["MSDeformAttnFunction", "MultiScaleDeformableAttnFunction",
            "ms_deform_attn_core_pytorch", "multi_scale_deformable_attn_pytorch",
-           "deformable_attention_core_func"]
+           "deformable_attention_core_func", "deformable_attention_core_func_v2"]
 
 
 def _level_shapes(name: str, shapes) -> torch.Tensor:
@@ -111,3 +114,43 @@ def deformable_attention_core_func(value: torch.Tensor,
     weights ``[bs, Len_q, n_head, n_levels, n_points]`` -> ``[bs, Len_q, n_head * c]``."""
     return multi_scale_deformable_attn_pytorch(value, value_spatial_shapes, sampling_locations,
                                                attention_weights)
+
+
+def deformable_attention_core_func_v2(value: torch.Tensor,
+                                      value_spatial_shapes: torch.Tensor | Sequence,
+                                      sampling_locations: torch.Tensor,
+                                      attention_weights: torch.Tensor,
+                                      num_points_list: Sequence[int],
+                                      method: str = "default") -> torch.Tensor:
+    """RT-DETRv2's core: the points of all levels on one axis, ``sampling_locations``
+    ``[bs, Len_q, n_head, sum(num_points_list), 2]`` and ``attention_weights``
+    ``[bs, Len_q, n_head, sum(num_points_list)]`` (level-major), ``num_points_list`` the points
+    per level -> ``[bs, Len_q, n_head * c]``. Only the bilinear ``"default"`` method."""
+    if method != "default":
+        raise NotImplementedError(f"method must be 'default' (bilinear sampling); the "
+                                  f"{method!r} method of RT-DETRv2 is not provided by ghostkernels")
+    counts = [int(p) for p in num_points_list]
+    if not counts or min(counts) < 1:
+        raise ValueError(f"num_points_list must hold a positive point count per level, "
+                         f"got {list(num_points_list)}")
+    total = sum(counts)
+    for name, t, axis in (("sampling_locations", sampling_locations, -2),
+                          ("attention_weights", attention_weights, -1)):
+        require_tensor(name, t)
+        if t.dim() < 4 or t.shape[axis] != total:
+            raise ValueError(f"{name} must have sum(num_points_list) = {total} points on its "
+                             f"point axis, got shape {tuple(t.shape)}")
+    levels, most = len(counts), max(counts)
+    if len(set(counts)) == 1:  # one count per level: a view
+        loc = sampling_locations.unflatten(-2, (levels, most))
+        weights = attention_weights.unflatten(-1, (levels, most))
+    else:  # pad every level to the largest count with zero-weight points
+        starts = torch.tensor([0, *counts[:-1]]).cumsum(0)
+        slot = torch.arange(most)
+        valid = slot[None, :] < torch.tensor(counts)[:, None]  # [L, Pmax]
+        index = torch.where(valid, starts[:, None] + slot[None, :], 0).flatten()
+        index = index.to(sampling_locations.device)
+        keep = valid.flatten().to(attention_weights.device, attention_weights.dtype)
+        loc = sampling_locations.index_select(-2, index).unflatten(-2, (levels, most))
+        weights = (attention_weights.index_select(-1, index) * keep).unflatten(-1, (levels, most))
+    return multi_scale_deformable_attn_pytorch(value, value_spatial_shapes, loc, weights)

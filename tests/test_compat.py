@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ghostkernels
-from ghostkernels import compat
+from ghostkernels import compat, use_backend
 from tests.msda_cases import make_inputs, naive_ms_deform_attn, rel_err
 
 SHAPES = [(6, 5), (3, 3), (1, 2)]
@@ -78,3 +78,54 @@ def test_compiles_fullgraph():
                        backend="aot_eager")
     expected = naive_ms_deform_attn(value, shapes, starts, loc, weights).flatten(2)
     assert rel_err(fn(value, shapes, loc, weights), expected) < 1e-5
+
+
+def _v2_reference(value, shapes, loc, weights, counts, core=naive_ms_deform_attn):
+    """RT-DETRv2's core from its definition: each level samples its own points (``core``: the
+    loop-based definition, or a differentiable single-level MSDA for gradients)."""
+    starts = [0]
+    for c in counts[:-1]:
+        starts.append(starts[-1] + c)
+    out = 0
+    areas = [h * w for h, w in shapes]
+    for lvl, (start, count) in enumerate(zip(starts, counts)):
+        first = sum(areas[:lvl])
+        level_value = value[:, first:first + areas[lvl]]
+        level_shape = torch.tensor([shapes[lvl]])
+        out = out + core(
+            level_value, level_shape, torch.zeros(1, dtype=torch.int64),
+            loc[:, :, :, None, start:start + count], weights[:, :, :, None, start:start + count])
+    return out.flatten(2)
+
+
+@pytest.mark.parametrize("counts", [[3, 3, 3], [4, 2, 1]], ids=["uniform", "per-level"])
+def test_rtdetr_v2_core_matches_per_level_definition(counts):
+    value, shapes, _, _, _ = _inputs()
+    g = torch.Generator().manual_seed(3)
+    N, Lq, M = value.shape[0], 7, value.shape[2]
+    loc = torch.rand(N, Lq, M, sum(counts), 2, dtype=torch.float64, generator=g) * 1.2 - 0.1
+    weights = torch.rand(N, Lq, M, sum(counts), dtype=torch.float64, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (value, loc, weights)]
+    out = compat.deformable_attention_core_func_v2(*leaves[:1], SHAPES, *leaves[1:], counts)
+    expected = _v2_reference(value, SHAPES, loc, weights, counts)
+    assert out.shape == (N, Lq, M * value.shape[3]) and rel_err(out, expected) < 1e-12
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref = [t.clone().requires_grad_() for t in (value, loc, weights)]
+    with use_backend("reference"):  # grid_sample, level by level: no padding involved
+        _v2_reference(ref[0], SHAPES, ref[1], ref[2], counts,
+                      core=lambda *a: ghostkernels.ms_deform_attn(*a).unflatten(2, (M, -1))
+                      ).backward(grad)
+    for got, want in zip(leaves, ref):
+        assert rel_err(got.grad, want.grad) < 1e-10
+
+
+def test_rtdetr_v2_core_rejects_what_it_does_not_provide():
+    value, shapes, _, loc, weights = _inputs()
+    loc2, w2 = loc.flatten(3, 4), weights.flatten(3, 4)
+    with pytest.raises(NotImplementedError, match="'discrete'"):
+        compat.deformable_attention_core_func_v2(value, SHAPES, loc2, w2, [3, 3, 3], "discrete")
+    with pytest.raises(ValueError, match="sum\\(num_points_list\\) = 8"):
+        compat.deformable_attention_core_func_v2(value, SHAPES, loc2, w2, [3, 3, 2])
+    with pytest.raises(ValueError, match="num_points_list must hold a positive"):
+        compat.deformable_attention_core_func_v2(value, SHAPES, loc2, w2, [9, 0, 0])
