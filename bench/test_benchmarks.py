@@ -114,10 +114,18 @@ def _ghost_inputs(shape: str, batch: int, fmt: str):
     return x.contiguous(memory_format=FORMATS[fmt]), w1, b1, w2, b2
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("shape", GHOST_SHAPE_NAMES)
-@pytest.mark.parametrize("backend", _backends("ghost_conv", CONV_DTYPE))
+def _ghost_shape_cases(op: str):
+    """Parametrise a benchmark over the Ghost shapes x batches x memory formats x ``op``'s
+    backends."""
+    def decorate(fn):
+        for name, values in (("fmt", list(FORMATS)), ("batch", BATCHES),
+                             ("shape", GHOST_SHAPE_NAMES), ("backend", _backends(op, CONV_DTYPE))):
+            fn = pytest.mark.parametrize(name, values)(fn)
+        return fn
+    return decorate
+
+
+@_ghost_shape_cases("ghost_conv")
 def test_ghost_conv(benchmark, shape, batch, fmt, backend):
     x, w1, b1, w2, b2 = _ghost_inputs(shape, batch, fmt)
     with torch.no_grad():
@@ -125,10 +133,7 @@ def test_ghost_conv(benchmark, shape, batch, fmt, backend):
              lambda: ghost_conv(x, w1, b1, w2, b2))
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("shape", GHOST_SHAPE_NAMES)
-@pytest.mark.parametrize("backend", _backends("depthwise_conv", CONV_DTYPE))
+@_ghost_shape_cases("depthwise_conv")
 def test_depthwise_conv(benchmark, shape, batch, fmt, backend):
     x, w1, b1, w2, b2 = _ghost_inputs(shape, batch, fmt)
     x1 = F.relu(F.conv2d(x, w1, b1)).contiguous(memory_format=FORMATS[fmt])
