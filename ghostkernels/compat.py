@@ -22,6 +22,7 @@ zero-weight points); its ``"discrete"`` sampling method is not provided.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -116,6 +117,18 @@ def deformable_attention_core_func(value: torch.Tensor,
                                                attention_weights)
 
 
+@functools.lru_cache(maxsize=16)
+def _padded_point_index(counts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For levels of ``counts`` points, each padded to ``max(counts)``: the index of every padded
+    slot on the concatenated point axis (padding slots point at 0) and whether it is a real point
+    (both flat ``[L * max(counts)]``, on the CPU; computed once per ``counts``)."""
+    starts = torch.tensor([0, *counts[:-1]]).cumsum(0)
+    slot = torch.arange(max(counts))
+    valid = slot[None, :] < torch.tensor(counts)[:, None]
+    index = torch.where(valid, starts[:, None] + slot[None, :], 0)
+    return index.flatten(), valid.flatten()
+
+
 def deformable_attention_core_func_v2(value: torch.Tensor,
                                       value_spatial_shapes: torch.Tensor | Sequence,
                                       sampling_locations: torch.Tensor,
@@ -145,12 +158,9 @@ def deformable_attention_core_func_v2(value: torch.Tensor,
         loc = sampling_locations.unflatten(-2, (levels, most))
         weights = attention_weights.unflatten(-1, (levels, most))
     else:  # pad every level to the largest count with zero-weight points
-        starts = torch.tensor([0, *counts[:-1]]).cumsum(0)
-        slot = torch.arange(most)
-        valid = slot[None, :] < torch.tensor(counts)[:, None]  # [L, Pmax]
-        index = torch.where(valid, starts[:, None] + slot[None, :], 0).flatten()
+        index, valid = _padded_point_index(tuple(counts))
         index = index.to(sampling_locations.device)
-        keep = valid.flatten().to(attention_weights.device, attention_weights.dtype)
+        keep = valid.to(attention_weights.device, attention_weights.dtype)
         loc = sampling_locations.index_select(-2, index).unflatten(-2, (levels, most))
         weights = (attention_weights.index_select(-1, index) * keep).unflatten(-1, (levels, most))
     return multi_scale_deformable_attn_pytorch(value, value_spatial_shapes, loc, weights)

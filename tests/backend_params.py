@@ -19,10 +19,31 @@ TOLERANCE = {  # (forward rel, gradient rel) against the float64 reference; benc
 }
 
 
+# Every floating dtype the ops take, and their test ids
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["f64", "f32", "f16", "bf16"]
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 on the CPU: the error measure of every tolerance here."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def assert_compiled_matches_eager(f, tensors, tol: float = 1e-6) -> None:
+    """``torch.compile(f, fullgraph=True)`` (aot_eager) gives eager ``f``'s scalar output and its
+    gradients with respect to every tensor of ``tensors``, within ``tol`` relative error."""
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    inputs = [t.detach().requires_grad_() for t in tensors]
+    out = compiled(*inputs)
+    grads = torch.autograd.grad(out, inputs)
+    eager_inputs = [t.detach().requires_grad_() for t in tensors]
+    expected = f(*eager_inputs)
+    expected_grads = torch.autograd.grad(expected, eager_inputs)
+    assert rel_err(out, expected) < tol
+    for g, e in zip(grads, expected_grads):
+        assert rel_err(g, e) < tol
 
 
 def device_for(backend: str) -> str:
@@ -55,3 +76,8 @@ def backend_params(*names):
 
 
 ALL_BACKENDS = backend_params("reference", "cpu", "triton", "cuda")
+
+
+def implemented_backends(op: str) -> list:
+    """``backend_params`` of the backends that implement ``op`` (not every op has all four)."""
+    return backend_params(*(b for b in backends.BACKENDS if b in backends.implementations(op)))

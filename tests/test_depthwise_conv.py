@@ -9,11 +9,10 @@ import torch.nn.functional as F
 
 import ghostkernels
 from ghostkernels import use_backend
-from tests.backend_params import ALL_BACKENDS, TOLERANCE, backend_params, rel_err, require
+from tests.backend_params import (ALL_BACKENDS, DTYPE_IDS, DTYPES, TOLERANCE,
+                                  assert_compiled_matches_eager, backend_params, rel_err, require)
 
 OP = "depthwise_conv"
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["f64", "f32", "f16", "bf16"]
 
 # (B, C, H, W, kh, kw, stride, channels_last, act)
 CASES = {
@@ -184,17 +183,7 @@ def test_torch_compile_fullgraph(channels_last):
     def f(x, weight, bias):
         return ghostkernels.depthwise_conv(x * 2.0, weight, bias, 2, "relu").square().sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    inputs = [t.detach().requires_grad_() for t in (x, weight, bias)]
-    out = compiled(*inputs)
-    grads = torch.autograd.grad(out, inputs)
-    eager_inputs = [t.detach().requires_grad_() for t in (x, weight, bias)]
-    expected = f(*eager_inputs)
-    expected_grads = torch.autograd.grad(expected, eager_inputs)
-    assert rel_err(out, expected) < 1e-6
-    for g, e in zip(grads, expected_grads):
-        assert rel_err(g, e) < 1e-6
+    assert_compiled_matches_eager(f, (x, weight, bias))
 
 
 BAD_INPUTS = {

@@ -11,16 +11,13 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import ghostkernels
 from ghostkernels import use_backend
-from ghostkernels import backends
-from tests.backend_params import TOLERANCE, backend_params, rel_err, require
+from tests.backend_params import (DTYPE_IDS, DTYPES, TOLERANCE, assert_compiled_matches_eager,
+                                  backend_params, implemented_backends, rel_err, require)
 
 OP = "dfc_gate"
 # Every backend that implements the op (no C++ cpu kernel: tests/backend_params.require expects
 # one per backend)
-IMPLEMENTED_BACKENDS = backend_params(*(b for b in backends.BACKENDS
-                                        if b in backends.implementations(OP)))
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["f64", "f32", "f16", "bf16"]
+IMPLEMENTED_BACKENDS = implemented_backends(OP)
 
 # (B, Cin, C, H, W, channels_last)
 CASES = {
@@ -192,17 +189,7 @@ def test_torch_compile_fullgraph(channels_last):
     def f(x, *params):
         return ghostkernels.dfc_gate(x * 2.0, *params).square().sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    inputs = [t.detach().requires_grad_() for t in args]
-    out = compiled(*inputs)
-    grads = torch.autograd.grad(out, inputs)
-    eager_inputs = [t.detach().requires_grad_() for t in args]
-    expected = f(*eager_inputs)
-    expected_grads = torch.autograd.grad(expected, eager_inputs)
-    assert rel_err(out, expected) < 1e-6
-    for g, e in zip(grads, expected_grads):
-        assert rel_err(g, e) < 1e-6
+    assert_compiled_matches_eager(f, args)
 
 
 def test_decomposes_to_plain_ops():

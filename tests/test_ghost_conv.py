@@ -9,11 +9,10 @@ import torch.nn.functional as F
 
 import ghostkernels
 from ghostkernels import use_backend
-from tests.backend_params import ALL_BACKENDS, TOLERANCE, backend_params, rel_err, require
+from tests.backend_params import (ALL_BACKENDS, DTYPE_IDS, DTYPES, TOLERANCE,
+                                  assert_compiled_matches_eager, backend_params, rel_err, require)
 
 OP = "ghost_conv"
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["f64", "f32", "f16", "bf16"]
 
 # (B, Cin, C1, H, W, channels_last, act_primary, act_cheap, out_channels or None for 2*C1)
 CASES = {
@@ -215,17 +214,7 @@ def test_torch_compile_fullgraph(channels_last):
         return ghostkernels.ghost_conv(x * 2.0, w_primary, b_primary, w_cheap, b_cheap, "relu",
                                        "none", 5).square().sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    inputs = [t.detach().requires_grad_() for t in args]
-    out = compiled(*inputs)
-    grads = torch.autograd.grad(out, inputs)
-    eager_inputs = [t.detach().requires_grad_() for t in args]
-    expected = f(*eager_inputs)
-    expected_grads = torch.autograd.grad(expected, eager_inputs)
-    assert rel_err(out, expected) < 1e-6
-    for g, e in zip(grads, expected_grads):
-        assert rel_err(g, e) < 1e-6
+    assert_compiled_matches_eager(f, args)
 
 
 def _bad(**changes):

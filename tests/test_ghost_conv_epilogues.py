@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import ghostkernels
 from ghostkernels import use_backend
-from tests.backend_params import ALL_BACKENDS, TOLERANCE, backend_params, require
+from tests.backend_params import (ALL_BACKENDS, TOLERANCE, assert_compiled_matches_eager,
+                                  backend_params, require)
 from tests.test_ghost_conv import (DTYPE_IDS, DTYPES, expected_format, make_inputs,
                                    plain_ghost, rel_err)
 
@@ -197,17 +198,7 @@ def test_torch_compile_fullgraph():
                                        "none", 5, input_scale=input_scale.sigmoid(), gate=gate,
                                        residual=residual).square().sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    inputs = [t.detach().requires_grad_() for t in tensors]
-    out = compiled(*inputs)
-    grads = torch.autograd.grad(out, inputs)
-    eager_inputs = [t.detach().requires_grad_() for t in tensors]
-    expected = f(*eager_inputs)
-    expected_grads = torch.autograd.grad(expected, eager_inputs)
-    assert rel_err(out, expected) < 1e-6
-    for g, e in zip(grads, expected_grads):
-        assert rel_err(g, e) < 1e-6
+    assert_compiled_matches_eager(f, tensors)
 
 
 def test_empty_batch_with_extras():

@@ -9,13 +9,12 @@ import torch
 import ghostkernels
 from ghostkernels import use_backend
 from ghostkernels.reference.ms_deform_attn import ms_deform_attn_forward as reference_forward
-from tests.backend_params import ALL_BACKENDS, TOLERANCE, backend_params, require
+from tests.backend_params import (ALL_BACKENDS, DTYPE_IDS, DTYPES, TOLERANCE, backend_params,
+                                  require)
 from tests.msda_cases import (away_from_pixel_boundaries, make_inputs, naive_ms_deform_attn,
                               rel_err)
 
 OP = "ms_deform_attn"
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["f64", "f32", "f16", "bf16"]
 
 # (N, level shapes (h, w), M heads, D channels, Lq queries, P points)
 CASES = {

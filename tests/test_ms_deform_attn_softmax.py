@@ -12,12 +12,11 @@ import ghostkernels
 from ghostkernels import use_backend
 from ghostkernels.nn import MSDeformAttn
 from ghostkernels.reference.ms_deform_attn import ms_deform_attn_forward as reference_forward
-from tests.backend_params import ALL_BACKENDS, TOLERANCE, backend_params, require
+from tests.backend_params import (ALL_BACKENDS, DTYPE_IDS, DTYPES, TOLERANCE, backend_params,
+                                  require)
 from tests.msda_cases import away_from_pixel_boundaries, make_inputs, rel_err
 
 OP = "ms_deform_attn"
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["f64", "f32", "f16", "bf16"]
 CASES = {  # (N, level shapes (h, w), M heads, D channels, Lq queries, P points)
     "basic": (2, [(6, 4), (3, 2)], 2, 4, 5, 2),
     "L3-P3-D5": (1, [(5, 7), (3, 3), (1, 1)], 3, 5, 4, 3),

@@ -10,14 +10,12 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import ghostkernels
-from ghostkernels import backends, use_backend
-from tests.backend_params import TOLERANCE, backend_params, rel_err, require
+from ghostkernels import use_backend
+from tests.backend_params import (DTYPE_IDS, DTYPES, TOLERANCE, assert_compiled_matches_eager,
+                                  backend_params, implemented_backends, rel_err, require)
 
 OP = "se_excitation"
-IMPLEMENTED_BACKENDS = backend_params(*(b for b in backends.BACKENDS
-                                        if b in backends.implementations(OP)))
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["f64", "f32", "f16", "bf16"]
+IMPLEMENTED_BACKENDS = implemented_backends(OP)
 
 # (B, C, R)
 CASES = {
@@ -184,17 +182,7 @@ def test_torch_compile_fullgraph():
         return ghostkernels.se_excitation(x.mean((2, 3)), *params).square().sum()
 
     x = torch.randn(2, 12, 5, 3)
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    inputs = [t.detach().requires_grad_() for t in (x, *args[1:])]
-    out = compiled(*inputs)
-    grads = torch.autograd.grad(out, inputs)
-    eager_inputs = [t.detach().requires_grad_() for t in (x, *args[1:])]
-    expected = f(*eager_inputs)
-    expected_grads = torch.autograd.grad(expected, eager_inputs)
-    assert rel_err(out, expected) < 1e-6
-    for g, e in zip(grads, expected_grads):
-        assert rel_err(g, e) < 1e-6
+    assert_compiled_matches_eager(f, (x, *args[1:]))
 
 
 def test_decomposes_to_plain_ops():

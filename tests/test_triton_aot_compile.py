@@ -138,13 +138,19 @@ def _compile_for_sm90(launches, tmp_path) -> list[dict]:
     return results
 
 
+def _compile_with_resources(launches, tmp_path) -> list[dict]:
+    """:func:`_compile_for_sm90`, skipping when the registers and stack cannot be read."""
+    results = _compile_for_sm90(launches, tmp_path)
+    if not all("stack_bytes" in r for r in results):
+        pytest.skip("Triton's cuobjdump is not available to read the resource usage")
+    return results
+
+
 def test_msda_kernels_do_not_spill_at_the_rtdetr_decoder_shapes(tmp_path, monkeypatch):
     """A static resource check (not a timing): register spills at the production tile sizes."""
     with record_launches() as launches:
         _rtdetr_decoder_msda_launches(monkeypatch)
-    results = _compile_for_sm90(launches, tmp_path)
-    if not all("stack_bytes" in r for r in results):
-        pytest.skip("Triton's cuobjdump is not available to read the resource usage")
+    results = _compile_with_resources(launches, tmp_path)
     spilling = [r for r in results if r["stack_bytes"] > MAX_STACK_BYTES]
     assert not spilling, spilling
     # Compiled with the JIT's specialisation (D = 32 and the pointers divisible by 16), the
@@ -176,9 +182,7 @@ def test_depthwise_kernel_does_not_spill_at_ghostnet_shapes(tmp_path):
             x = torch.empty(32, 120, 80, 80, dtype=torch.float16).contiguous(memory_format=fmt)
             depthwise_conv.forward(x, torch.empty(120, 25).half(), torch.empty(120).half(),
                                    5, 5, 1, False)
-    results = _compile_for_sm90(launches, tmp_path)
-    if not all("stack_bytes" in r for r in results):
-        pytest.skip("Triton's cuobjdump is not available to read the resource usage")
+    results = _compile_with_resources(launches, tmp_path)
     assert not [r for r in results if r["stack_bytes"] > MAX_STACK_BYTES], results
     assert max(r["registers"] for r in results) <= 128, results
 

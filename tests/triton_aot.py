@@ -22,8 +22,6 @@ import json
 import sys
 import traceback
 
-import torch
-
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
 
 

@@ -174,12 +174,7 @@ cudaError_t launch_typed(const GhostConvArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_ghost_conv(const GhostConvArgs& args, DType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return launch_typed<float>(args, stream);
-    case DType::kFloat16: return launch_typed<__half>(args, stream);
-    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&]<typename T>() { return launch_typed<T>(args, stream); });
 }
 
 }  // namespace cuda

@@ -92,6 +92,18 @@ __device__ __forceinline__ void unflatten_bchw(index_t o, index_t C, index_t H, 
   }
 }
 
+// f.template operator()<T>() with T the element type of `dtype`: the one dtype switch of the
+// Ghost/DFC launchers, e.g. dispatch_dtype(dtype, [&]<typename T>() { return launch<T>(a); }).
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f.template operator()<float>();
+    case DType::kFloat16: return f.template operator()<__half>();
+    case DType::kBFloat16: return f.template operator()<__nv_bfloat16>();
+  }
+  return cudaErrorInvalidValue;
+}
+
 // ReLU that keeps NaN (like torch.relu).
 __device__ __forceinline__ float activate(float v, bool relu) { return (relu && v < 0.f) ? 0.f : v; }
 
