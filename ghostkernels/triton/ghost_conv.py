@@ -32,6 +32,8 @@ TF32) so the float32 result matches the reference to ~1e-6. Under the Triton int
 tensors) ``tl.dot`` mis-computes bfloat16 operands (triton 3.8), so there they are upcast to fp32 first
 (``UPCAST_DOT``), which gives the same products; GPU launches keep bf16 tensor-core dots.
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -196,25 +198,40 @@ def _block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
+@dataclass(frozen=True)
+class GhostLaunchConfig:
+    block_h: int
+    block_w: int
+    block_c: int
+    block_k: int
+    num_warps: int
+
+
+def default_config(W: int) -> GhostLaunchConfig:
+    # 16 channels x 16-wide Cin chunks keep the nine live x1 tiles and three dot operands in
+    # registers: compiled for sm_90 with 4 warps this uses 168 (fp16) / 186 (fp32) registers and no
+    # spills (cuobjdump), while 32 x 32 spills. Not tuned on a GPU (bench/sweep_triton.py times
+    # alternatives there).
+    return GhostLaunchConfig(block_h=BLOCK_H, block_w=_block(W, 16, 32), block_c=16, block_k=16,
+                             num_warps=4)
+
+
 def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_cheap: bool,
-            out_channels: int, input_scale=None, gate=None, residual=None, out=None):
+            out_channels: int, input_scale=None, gate=None, residual=None, out=None,
+            config: GhostLaunchConfig | None = None):
     """Kernel contract of ``ghostkernels.ops.ghost_conv``. ``out`` (optional, for tests) is a
-    preallocated y of the right shape, dtype and memory format."""
+    preallocated y of the right shape, dtype and memory format; ``config`` overrides the block
+    sizes (benchmark sweeps)."""
     B, Cin, H, W = x.shape
     C1 = w_primary.shape[0]
     channels_last = not x.is_contiguous()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = out if out is not None else torch.empty((B, out_channels, H, W), dtype=x.dtype,
                                                 device=x.device, memory_format=fmt)
-    # 16 channels x 16-wide Cin chunks keep the nine live x1 tiles and three dot operands in
-    # registers: compiled for sm_90 with 4 warps this uses 168 (fp16) / 186 (fp32) registers and no
-    # spills (cuobjdump), while 32 x 32 spills. Not tuned on a GPU.
-    block_w = _block(W, 16, 32)
-    block_c = 16
-    block_k = 16
-    tiles_w = triton.cdiv(W, block_w)
-    strips = triton.cdiv(H, BLOCK_H)
-    chan_blocks = triton.cdiv(C1, block_c)
+    cfg = config or default_config(W)
+    tiles_w = triton.cdiv(W, cfg.block_w)
+    strips = triton.cdiv(H, cfg.block_h)
+    chan_blocks = triton.cdiv(C1, cfg.block_c)
     if max(x[0].numel(), y[0].numel()) >= 2**31:
         raise ValueError("the Triton kernel indexes within one image in int32: each image of x and "
                          f"y must have fewer than 2**31 elements, got x {tuple(x.shape)}, "
@@ -234,8 +251,8 @@ def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_
         *(residual.stride() if residual is not None else (0,) * 4), tiles_w, strips, chan_blocks,
         RELU_P=bool(relu_primary), RELU_C=bool(relu_cheap), HAS_SCALE=input_scale is not None,
         SPLIT_SCALED_W=input_scale is not None and x.dtype != torch.float32,
-        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, BLOCK_H=BLOCK_H,
-        BLOCK_W=block_w, BLOCK_C=block_c, BLOCK_K=block_k,
+        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, BLOCK_H=cfg.block_h,
+        BLOCK_W=cfg.block_w, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=4)
+        UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=cfg.num_warps)
     return y
