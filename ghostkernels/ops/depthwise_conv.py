@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ghostkernels import backends
+from ghostkernels.ops.eager import EagerOp
 from ghostkernels.checks import FLOATING, require_dtype, require_ndim, require_same_device
 from ghostkernels.checks import require_same_dtype, require_tensor
 from ghostkernels.ops.ghost_conv import check_bias, in_memory_format, parse_act
@@ -45,9 +46,8 @@ def _empty_output(x: torch.Tensor, kh: int, kw: int, stride: int) -> torch.Tenso
                        memory_format=output_memory_format(x))
 
 
-@torch.library.custom_op("ghostkernels::depthwise_conv", mutates_args=())
-def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kh: int, kw: int,
-                    stride: int, relu: bool) -> torch.Tensor:
+def _depthwise_conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kh: int,
+                         kw: int, stride: int, relu: bool) -> torch.Tensor:
     if x.numel() == 0:
         return _empty_output(x, kh, kw, stride)
     fmt = output_memory_format(x)
@@ -56,6 +56,10 @@ def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k
     y = impl.forward(x, weight.detach().contiguous(), bias.detach().contiguous(), int(kh),
                      int(kw), int(stride), bool(relu))
     return in_memory_format(y.to(x.dtype), fmt)
+
+
+_depthwise_conv = torch.library.custom_op("ghostkernels::depthwise_conv", mutates_args=())(
+    _depthwise_conv_impl)
 
 
 @_depthwise_conv.register_fake
@@ -77,6 +81,7 @@ def _backward(ctx, grad_y):
 
 
 _depthwise_conv.register_autograd(_backward, setup_context=_setup_context)
+_depthwise_conv_call = EagerOp(_depthwise_conv, _depthwise_conv_impl, _setup_context, _backward)
 
 
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -112,4 +117,4 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     relu = parse_act("act", act)
     if backends.decomposing():  # plain F.conv2d for exporters (see ghostkernels.decomposed)
         return reference.forward(x, weight.reshape(C, kh * kw), bias, kh, kw, int(stride), relu)
-    return _depthwise_conv(x, weight.reshape(C, kh * kw), bias, kh, kw, int(stride), relu)
+    return _depthwise_conv_call(x, weight.reshape(C, kh * kw), bias, kh, kw, int(stride), relu)

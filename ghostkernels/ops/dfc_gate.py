@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from ghostkernels import backends
+from ghostkernels.ops.eager import EagerOp
 from ghostkernels.checks import (FLOATING, require_dim_size, require_dtype, require_ndim,
                                  require_same_device, require_same_dtype, require_tensor)
 from ghostkernels.ops.ghost_conv import check_bias, in_memory_format
@@ -50,9 +51,8 @@ def _empty_output(x: torch.Tensor, channels: int) -> torch.Tensor:
                        memory_format=output_memory_format(x))
 
 
-@torch.library.custom_op("ghostkernels::dfc_gate", mutates_args=())
-def _dfc_gate(x: torch.Tensor, w_proj: torch.Tensor, b_proj: torch.Tensor, w_h: torch.Tensor,
-              b_h: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
+def _dfc_gate_impl(x: torch.Tensor, w_proj: torch.Tensor, b_proj: torch.Tensor, w_h: torch.Tensor,
+                   b_h: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return _empty_output(x, w_proj.shape[0])
     fmt = output_memory_format(x)
@@ -61,6 +61,10 @@ def _dfc_gate(x: torch.Tensor, w_proj: torch.Tensor, b_proj: torch.Tensor, w_h: 
     params = (t.detach().contiguous() for t in (w_proj, b_proj, w_h, b_h, w_v, b_v))
     gate = impl.forward(x, *params)
     return in_memory_format(gate.to(x.dtype), fmt)
+
+
+_dfc_gate = torch.library.custom_op("ghostkernels::dfc_gate", mutates_args=())(
+    _dfc_gate_impl)
 
 
 @_dfc_gate.register_fake
@@ -79,6 +83,7 @@ def _backward(ctx, grad_gate):
 
 
 _dfc_gate.register_autograd(_backward, setup_context=_setup_context)
+_dfc_gate_call = EagerOp(_dfc_gate, _dfc_gate_impl, _setup_context, _backward)
 
 
 def _check_depthwise(name: str, weight, C: int, shape: tuple[int, int], x: torch.Tensor) -> None:
@@ -144,4 +149,4 @@ def dfc_gate(x: torch.Tensor, w_proj: torch.Tensor, b_proj: torch.Tensor | None,
     w_h, w_v = w_h.reshape(C, reference.TAPS), w_v.reshape(C, reference.TAPS)
     if backends.decomposing():  # plain avg_pool2d/conv2d for exporters (ghostkernels.decomposed)
         return reference.forward(x, w_proj, b_proj, w_h, b_h, w_v, b_v)
-    return _dfc_gate(x, w_proj, b_proj, w_h, b_h, w_v, b_v)
+    return _dfc_gate_call(x, w_proj, b_proj, w_h, b_h, w_v, b_v)

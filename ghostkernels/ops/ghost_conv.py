@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from ghostkernels import backends
+from ghostkernels.ops.eager import EagerOp
 from ghostkernels.checks import (FLOATING, require_dim_size, require_dtype, require_ndim,
                                  require_same_device, require_same_dtype, require_tensor)
 from ghostkernels.reference import ghost_conv as reference
@@ -63,12 +64,11 @@ def in_memory_format(y: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=fmt).copy_(y)
 
 
-@torch.library.custom_op("ghostkernels::ghost_conv", mutates_args=())
-def _ghost_conv(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tensor,
-                w_cheap: torch.Tensor, b_cheap: torch.Tensor, relu_primary: bool,
-                relu_cheap: bool, out_channels: int, input_scale: torch.Tensor | None = None,
-                gate: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+def _ghost_conv_impl(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tensor,
+                     w_cheap: torch.Tensor, b_cheap: torch.Tensor, relu_primary: bool,
+                     relu_cheap: bool, out_channels: int, input_scale: torch.Tensor | None = None,
+                     gate: torch.Tensor | None = None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
     B, _, H, W = x.shape
     if B * H * W == 0:
         return _empty_output(x, out_channels)
@@ -84,6 +84,10 @@ def _ghost_conv(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tenso
     y = impl.forward(x, w_primary, b_primary, w_cheap, b_cheap, bool(relu_primary),
                      bool(relu_cheap), int(out_channels), input_scale, gate, residual)
     return in_memory_format(y.to(x.dtype), fmt)
+
+
+_ghost_conv = torch.library.custom_op("ghostkernels::ghost_conv", mutates_args=())(
+    _ghost_conv_impl)
 
 
 @_ghost_conv.register_fake
@@ -141,6 +145,7 @@ def _backward_on_backend(ctx, grad_y):
 
 
 _ghost_conv.register_autograd(_backward, setup_context=_setup_context)
+_ghost_conv_call = EagerOp(_ghost_conv, _ghost_conv_impl, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,5 +278,5 @@ def ghost_conv(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tensor
         return reference.forward(x, w_primary.reshape(C1, Cin), b_primary, w_cheap.reshape(C1, 9),
                                  b_cheap, relu_primary, relu_cheap, out_channels, input_scale,
                                  gate, residual)
-    return _ghost_conv(x, w_primary, b_primary, w_cheap.reshape(C1, 9), b_cheap, relu_primary,
-                       relu_cheap, out_channels, input_scale, gate, residual)
+    return _ghost_conv_call(x, w_primary, b_primary, w_cheap.reshape(C1, 9), b_cheap,
+                            relu_primary, relu_cheap, out_channels, input_scale, gate, residual)

@@ -26,6 +26,7 @@ import weakref
 import torch
 
 from ghostkernels import backends
+from ghostkernels.ops.eager import EagerOp, eager_safe
 from ghostkernels.reference.ms_deform_attn import ms_deform_attn_forward as reference_forward
 from ghostkernels.reference.ms_deform_attn import softmax_over_points
 from ghostkernels.checks import (FLOATING, dtype_name, require_dim_size, require_dtype,
@@ -87,10 +88,9 @@ def fixed_point_scale(grad_output: torch.Tensor, attention_weights: torch.Tensor
     return torch.where(torch.isfinite(bound), scale, torch.full_like(scale, float("nan")))
 
 
-@torch.library.custom_op("ghostkernels::ms_deform_attn", mutates_args=())
-def _ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
-                    level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
-                    attention_weights: torch.Tensor, softmax: bool = False) -> torch.Tensor:
+def _ms_deform_attn_impl(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                         level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                         attention_weights: torch.Tensor, softmax: bool = False) -> torch.Tensor:
     N, _, M, D = value.shape
     Lq = sampling_locations.shape[1]
     if N * Lq * M * D == 0:
@@ -101,6 +101,10 @@ def _ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
     return out.to(value.dtype)
 
 
+_ms_deform_attn = torch.library.custom_op("ghostkernels::ms_deform_attn",
+                                          mutates_args=())(_ms_deform_attn_impl)
+
+
 @_ms_deform_attn.register_fake
 def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
       softmax=False):
@@ -108,12 +112,11 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
     return value.new_empty(N, sampling_locations.shape[1], M * D)
 
 
-@torch.library.custom_op("ghostkernels::ms_deform_attn_backward", mutates_args=())
-def _ms_deform_attn_backward(grad_output: torch.Tensor, value: torch.Tensor,
-                             spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                             sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
-                             softmax: bool, deterministic: bool, backend: str = ""
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ms_deform_attn_backward_impl(grad_output: torch.Tensor, value: torch.Tensor,
+                                  spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                                  sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                                  softmax: bool, deterministic: bool, backend: str = ""
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. value, sampling_locations and attention_weights (the logits when
     ``softmax``). ``deterministic``: grad_value through the fixed-point path (backends whose
     accumulation is deterministic anyway ignore the scale). ``backend``: the backend forced
@@ -138,6 +141,10 @@ def _ms_deform_attn_backward(grad_output: torch.Tensor, value: torch.Tensor,
             g_attn.to(attention_weights.dtype))
 
 
+_ms_deform_attn_backward = torch.library.custom_op(
+    "ghostkernels::ms_deform_attn_backward", mutates_args=())(_ms_deform_attn_backward_impl)
+
+
 @_ms_deform_attn_backward.register_fake
 def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
       attention_weights, softmax, deterministic, backend=""):
@@ -156,7 +163,9 @@ def _backward(ctx, grad_output):
         ctx.saved_tensors
     # Read when the backward runs: float atomics make grad_value order-dependent on a GPU only.
     deterministic = torch.are_deterministic_algorithms_enabled() and value.device.type == "cuda"
-    g_value, g_loc, g_attn = _ms_deform_attn_backward(
+    args = (grad_output, *ctx.saved_tensors)
+    backward_op = _ms_deform_attn_backward_impl if eager_safe(args) else _ms_deform_attn_backward
+    g_value, g_loc, g_attn = backward_op(
         grad_output, value, spatial_shapes, level_start_index, sampling_locations,
         attention_weights, ctx.softmax, deterministic, ctx.backend)
     needs = ctx.needs_input_grad
@@ -165,6 +174,7 @@ def _backward(ctx, grad_output):
 
 
 _ms_deform_attn.register_autograd(_backward, setup_context=_setup_context)
+_ms_deform_attn_call = EagerOp(_ms_deform_attn, _ms_deform_attn_impl, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +290,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
                            attention_weights, "attention_weights")
     if backends.decomposing():
         return reference_forward(*args)
-    return _ms_deform_attn(*args)
+    return _ms_deform_attn_call(*args, False)
 
 
 def ms_deform_attn_softmax(value: torch.Tensor, spatial_shapes: torch.Tensor,
@@ -299,4 +309,4 @@ def ms_deform_attn_softmax(value: torch.Tensor, spatial_shapes: torch.Tensor,
                            attention_logits, "attention_logits")
     if backends.decomposing():
         return reference_forward(*args[:4], softmax_over_points(args[4]))
-    return _ms_deform_attn(*args, softmax=True)
+    return _ms_deform_attn_call(*args, True)

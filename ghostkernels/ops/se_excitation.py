@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ghostkernels import backends
+from ghostkernels.ops.eager import EagerOp
 from ghostkernels.checks import (FLOATING, require_dim_size, require_dtype, require_ndim,
                                  require_same_device, require_same_dtype, require_tensor)
 from ghostkernels.ops.ghost_conv import check_bias
@@ -36,14 +37,17 @@ backends.register(OP, "reference", "ghostkernels.reference.se_excitation", FLOAT
 backends.register(OP, "triton", "ghostkernels.triton.se_excitation", GPU_DTYPES)
 
 
-@torch.library.custom_op("ghostkernels::se_excitation", mutates_args=())
-def _se_excitation(pooled: torch.Tensor, w_reduce: torch.Tensor, b_reduce: torch.Tensor,
-                   w_expand: torch.Tensor, b_expand: torch.Tensor) -> torch.Tensor:
+def _se_excitation_impl(pooled: torch.Tensor, w_reduce: torch.Tensor, b_reduce: torch.Tensor,
+                        w_expand: torch.Tensor, b_expand: torch.Tensor) -> torch.Tensor:
     if pooled.numel() == 0:
         return torch.empty_like(pooled, memory_format=torch.contiguous_format)
     impl = backends.resolve(OP, pooled.device, pooled.dtype)
     args = (t.detach().contiguous() for t in (pooled, w_reduce, b_reduce, w_expand, b_expand))
     return impl.forward(*args).to(pooled.dtype)
+
+
+_se_excitation = torch.library.custom_op("ghostkernels::se_excitation", mutates_args=())(
+    _se_excitation_impl)
 
 
 @_se_excitation.register_fake
@@ -61,6 +65,7 @@ def _backward(ctx, grad_scale):
 
 
 _se_excitation.register_autograd(_backward, setup_context=_setup_context)
+_se_excitation_call = EagerOp(_se_excitation, _se_excitation_impl, _setup_context, _backward)
 
 
 def _check_weight(name: str, weight, rows: str, cols: str, pooled: torch.Tensor) -> torch.Tensor:
@@ -111,4 +116,4 @@ def se_excitation(pooled: torch.Tensor, w_reduce: torch.Tensor, b_reduce: torch.
     b_expand = check_bias("b_expand", b_expand, C, pooled, "w_expand", "pooled")
     if backends.decomposing():  # plain linear/relu/hardsigmoid for exporters
         return reference.forward(pooled, w_reduce, b_reduce, w_expand, b_expand)
-    return _se_excitation(pooled, w_reduce, b_reduce, w_expand, b_expand)
+    return _se_excitation_call(pooled, w_reduce, b_reduce, w_expand, b_expand)
