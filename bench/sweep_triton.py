@@ -100,10 +100,13 @@ def sweep_ghost(device, budget_end, batch=32, hw=80):
     b1 = torch.randn(c1, device=device, dtype=dtype) * 0.1
     w2 = torch.randn(c1, 1, 3, 3, device=device, dtype=dtype) / 3
     b2 = torch.randn(c1, device=device, dtype=dtype) * 0.1
-    # (block_h, block_w, block_c, block_k, warps); the default (8, 32, 16, 16, 4) comes first.
-    # More warps for the same tile (fewer registers per thread), taller strips (less halo
-    # recomputation), wider channel blocks (fewer x re-reads), then smaller tiles.
-    candidates = [(8, 32, 16, 16, 8), (16, 32, 16, 16, 4), (16, 32, 16, 16, 8),
+    # (block_h, block_w, block_c, block_k, warps), after the default: around the channels_last
+    # default (16 columns x 32 channels, the best of the first sweep); then the NCHW default with
+    # more warps (fewer registers per thread), taller strips (less halo recomputation), wider
+    # channel blocks (fewer x re-reads), then smaller tiles.
+    candidates = [(8, 16, 64, 16, 4), (8, 16, 64, 16, 8), (8, 16, 32, 16, 2), (16, 16, 32, 16, 4),
+                  (8, 16, 32, 32, 4), (4, 16, 32, 16, 4), (8, 32, 16, 16, 4),
+                  (8, 32, 16, 16, 8), (16, 32, 16, 16, 4), (16, 32, 16, 16, 8),
                   (8, 32, 32, 16, 8), (8, 64, 16, 16, 8), (8, 32, 16, 32, 8), (4, 32, 16, 16, 4),
                   (8, 16, 16, 16, 2), (8, 16, 16, 16, 4), (8, 32, 16, 16, 2), (8, 32, 32, 16, 4),
                   (16, 64, 16, 16, 8), (16, 32, 32, 16, 8), (8, 16, 32, 16, 4), (4, 64, 16, 16, 8),
@@ -112,7 +115,7 @@ def sweep_ghost(device, budget_end, batch=32, hw=80):
         x = torch.randn(batch, cin, hw, hw, device=device, dtype=dtype)
         if fmt == "nhwc":
             x = x.contiguous(memory_format=torch.channels_last)
-        default = tk.default_config(hw)
+        default = tk.default_config(hw, fmt == "nhwc")
 
         def run(cfg, x=x):
             return tk.forward(x, w1, b1, w2, b2, True, True, cout, config=cfg)

@@ -207,11 +207,14 @@ class GhostLaunchConfig:
     num_warps: int
 
 
-def default_config(W: int) -> GhostLaunchConfig:
-    # 16 channels x 16-wide Cin chunks keep the nine live x1 tiles and three dot operands in
-    # registers: compiled for sm_90 with 4 warps this uses 168 (fp16) / 186 (fp32) registers and no
-    # spills (cuobjdump), while 32 x 32 spills. Not tuned on a GPU (bench/sweep_triton.py times
-    # alternatives there).
+def default_config(W: int, channels_last: bool) -> GhostLaunchConfig:
+    """Block sizes. channels_last: 16 columns x 32 channels, 4 warps, the fastest of 16 candidates
+    at B32 40->120 @80 fp16 on an H200 (bench/sweep_triton.py, 2026-11-28: 0.165 ms against
+    0.322 ms for the previous 32 x 16; BENCHMARKS.md); a channel block of 32 halves the re-reads of
+    x across channel blocks. NCHW keeps 32 (or fewer) columns x 16 channels: of the NCHW
+    candidates timed, only one was faster (64 columns, 8 warps: 1.2x), too little to switch on."""
+    if channels_last:
+        return GhostLaunchConfig(block_h=BLOCK_H, block_w=16, block_c=32, block_k=16, num_warps=4)
     return GhostLaunchConfig(block_h=BLOCK_H, block_w=_block(W, 16, 32), block_c=16, block_k=16,
                              num_warps=4)
 
@@ -228,7 +231,7 @@ def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = out if out is not None else torch.empty((B, out_channels, H, W), dtype=x.dtype,
                                                 device=x.device, memory_format=fmt)
-    cfg = config or default_config(W)
+    cfg = config or default_config(W, channels_last)
     tiles_w = triton.cdiv(W, cfg.block_w)
     strips = triton.cdiv(H, cfg.block_h)
     chan_blocks = triton.cdiv(C1, cfg.block_c)
