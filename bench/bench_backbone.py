@@ -75,6 +75,21 @@ def timed(fn, device, failures: dict, name: str, replay: bool = False) -> float:
         return math.nan
 
 
+def print_kernel_profile(name: str, fn, top: int) -> None:
+    """Where the GPU time of ``fn`` goes: torch.profiler's CUDA kernels, most time first."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    print(f"\n#### {name}: CUDA kernels over 5 forwards, most time first\n", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top,
+                                    max_name_column_width=70), flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,6 +103,9 @@ def main(argv=None):
                         help="add torch.compile of the folded eager model")
     parser.add_argument("--no-baselines", action="store_true", help="skip the timm models")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="GPU: also print the TOP most expensive CUDA kernels of the folded "
+                             "eager and folded fused models per batch (torch.profiler)")
     parser.add_argument("--out", default=None, help="directory for backbone.md and backbone.json")
     args = parser.parse_args(argv)
     if args.threads:
@@ -133,6 +151,11 @@ def main(argv=None):
                 timings[name] = timed(
                     lambda: cuda_graph_replay(lambda: models["ghostnetv3 folded fused"](x)),
                     device, failures, name, replay=True)
+        if device == "cuda" and args.profile:
+            with torch.inference_mode():
+                for name in ("ghostnetv3 folded eager", "ghostnetv3 folded fused"):
+                    print_kernel_profile(f"{name}, {case}", lambda m=models[name]: m(x),
+                                         args.profile)
         for name, ms in timings.items():
             ratios = {b: timings[b] / ms for b in BASELINES
                       if b in timings and b != name and not math.isnan(ms)}

@@ -90,10 +90,11 @@ def softmax_rows(value, shapes, starts, loc, weights, names, device, label, band
     return rows
 
 
-def graphed_ms(fn, device) -> float:
-    """Median ms of ``fn`` replayed from a CUDA graph (NaN if it cannot be captured)."""
+def graphed_ms(fn, device, backward: bool = False) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph (NaN if it cannot be captured); with
+    ``backward`` the capture records the autograd backward too."""
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(backward):
             return time_ms(cuda_graph_replay(fn), device)
     except Exception as exc:  # noqa: BLE001 - report, do not lose the other rows
         print(f"CUDA graph capture failed: {type(exc).__name__}: {exc}", flush=True)
@@ -147,8 +148,8 @@ def main(argv=None):
 
                     with torch.set_grad_enabled(backward):
                         results[backend] = time_ms(fn, device)
-                    if device == "cuda" and not backward:  # without the host's launch overhead
-                        results[f"{backend} (CUDA graph)"] = graphed_ms(fn, device)
+                    if device == "cuda":  # without the host's launch (and autograd) overhead
+                        results[f"{backend} (CUDA graph)"] = graphed_ms(fn, device, backward)
                 for backend, ms in results.items():
                     label = backend.replace("reference", "grid_sample (reference)")
                     ratios = {}

@@ -183,6 +183,26 @@ def test_msda_grid_stride_loop(emu):
         emu.set_sm_count(2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_msda_small_launch_narrows_vectors_for_more_lanes(emu, dtype):
+    """A launch that fills few of the device's thread slots (batch 1 on a 132-SM GPU) gives each
+    (n, q, m) group 32 lanes of one channel instead of D / 16 bytes lanes of 16 bytes: 4 groups
+    per 128-thread block instead of 32 (fp16) / 16 (fp32). Same results."""
+    inputs = msda_inputs(dtype, 32, N=1, M=2, Lq=16, P=3)  # 32 groups
+    emu.set_sm_count(132)
+    try:
+        blocks = {}
+        for threads_per_sm in (0, 2048):  # 0: no slots to fill, the widest vectors
+            emu.set_threads_per_sm(threads_per_sm)
+            before = emu.counters("ms_deform_attn_sm90")["blocks"]
+            check_msda(emu, inputs)  # forward and backward: 2 launches
+            blocks[threads_per_sm] = (emu.counters("ms_deform_attn_sm90")["blocks"] - before) // 2
+    finally:
+        emu.set_threads_per_sm(0)
+        emu.set_sm_count(2)
+    assert blocks == {0: 1 if dtype == torch.float16 else 2, 2048: 8}, blocks
+
+
 @pytest.mark.parametrize("dtype,D,offset", [(torch.float32, 8, 1), (torch.float32, 8, 2),
                                             (torch.float16, 8, 2), (torch.float64, 4, 1)],
                          ids=lambda v: str(v).replace("torch.", ""))

@@ -494,6 +494,29 @@ Layout make_layout(int64_t D, int vec) {
   return lay;
 }
 
+// Narrows `vec` (channels per lane) while that gives a group more lanes (at most 32) and the launch
+// fills fewer than half of the device's thread slots: a small launch (batch 1: 2400 groups of 4
+// lanes in fp16) is bound by latency, not bandwidth, and more lanes put more loads in flight and
+// set up a group's points in fewer rounds. Large launches keep the widest vectors.
+int narrow_vec_for_parallelism(const Sizes& sz, int vec) {
+  int device = 0, sms = 0, threads_per_sm = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device) !=
+          cudaSuccess) {
+    cudaGetLastError();  // a failed query only skips the narrowing
+    return vec;
+  }
+  const int64_t slots = static_cast<int64_t>(sms) * threads_per_sm;
+  const int64_t groups = sz.N * sz.Lq * sz.M;
+  while (vec > 1) {
+    const Layout wide = make_layout(sz.D, vec);
+    if (wide.lanes >= 32 || groups * wide.lanes * 2 >= slots) break;
+    vec /= 2;
+  }
+  return vec;
+}
+
 // Enough blocks to cover every group once, at most a full-occupancy wave (the kernels grid-stride).
 cudaError_t grid_size(const Sizes& sz, const Layout& lay, int* blocks) {
   int device = 0, sms = 0;
@@ -574,7 +597,7 @@ cudaError_t forward_typed(const Sizes& sz, const void* value, const int64_t* sha
                           const int64_t* starts, const void* loc, const void* attn, bool softmax,
                           void* out, cudaStream_t stream) {
   constexpr int kMaxVec = 16 / static_cast<int>(sizeof(T));
-  const int vec = pick_vec<T>(sz.D, value, out);
+  const int vec = narrow_vec_for_parallelism(sz, pick_vec<T>(sz.D, value, out));
 #define GK_FORWARD(V) forward_vec<T, V>(sz, value, shapes, starts, loc, attn, softmax, out, stream)
   if constexpr (kMaxVec >= 8)
     if (vec == 8) return GK_FORWARD(8);
@@ -595,6 +618,7 @@ cudaError_t backward_typed(const Sizes& sz, const BackwardArgs& b) {
     while (vec > 1 &&
            !aligned(b.grad_value, vec * static_cast<int>(sizeof(typename AccOf<T>::type))))
       vec /= 2;
+  vec = narrow_vec_for_parallelism(sz, vec);
   if constexpr (kMaxVec >= 8)
     if (vec == 8) return backward_vec<T, 8>(sz, b);
   if constexpr (kMaxVec >= 4)

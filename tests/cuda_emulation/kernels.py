@@ -87,6 +87,11 @@ class EmulatedKernels:
         for lib in self.libs.values():
             lib.gk_emu_set_sm_count(sms)
 
+    def set_threads_per_sm(self, threads: int) -> None:
+        """The thread slots per multiprocessor the launchers see (0 by default)."""
+        for lib in self.libs.values():
+            lib.gk_emu_set_threads_per_sm(threads)
+
     def counters(self, name: str) -> dict[str, int]:
         out = (ctypes.c_longlong * len(COUNTERS))()
         self.libs[name].gk_emu_counters(out)

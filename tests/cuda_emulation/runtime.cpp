@@ -82,6 +82,9 @@ size_t g_stack_count = 0;
 std::string g_error_message;
 thread_local cudaError_t g_last_error = cudaSuccess;
 int g_sm_count = 2;
+// 0 by default: launchers that size their work to the device's thread slots see none to fill
+// (tests set it to exercise that path).
+int g_threads_per_sm = 0;
 long long g_counters[kCounters] = {};
 
 std::string where_text(const std::source_location& w) {
@@ -376,6 +379,7 @@ cudaError_t take_last_error() {
 }
 
 int sm_count() { return g_sm_count; }
+int threads_per_sm() { return g_threads_per_sm; }
 
 // ------------------------------------------------------------------------------------------------
 // Half / bfloat16 conversions (round to nearest, ties to even; NaN stays NaN)
@@ -442,6 +446,7 @@ extern "C" {
 const char* gk_emu_error_message() { return cuda_emu::g_error_message.c_str(); }
 
 void gk_emu_set_sm_count(int sms) { cuda_emu::g_sm_count = sms; }
+void gk_emu_set_threads_per_sm(int threads) { cuda_emu::g_threads_per_sm = threads; }
 
 // launches, blocks, threads, completed warp collectives, completed __syncthreads
 void gk_emu_counters(long long* out) {

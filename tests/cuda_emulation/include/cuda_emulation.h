@@ -47,7 +47,11 @@ enum cudaError_t {
   cudaErrorInvalidConfiguration = 9,
 };
 using cudaError = cudaError_t;
-enum cudaDeviceAttr { cudaDevAttrMaxThreadsPerBlock = 1, cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr {
+  cudaDevAttrMaxThreadsPerBlock = 1,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxThreadsPerMultiProcessor = 39
+};
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
@@ -105,6 +109,7 @@ int lane_id();
 void set_last_error(cudaError_t err);
 cudaError_t take_last_error();
 int sm_count();
+int threads_per_sm();
 
 // `k<<<cfg>>>(args...)` after rewrite.py: the kernel's parameters are copied once (by value, as
 // CUDA does) and every emulated thread calls the kernel with them.
@@ -167,6 +172,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = ::cuda_emu::sm_count(); return cudaSuccess;
     case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerMultiProcessor: *value = ::cuda_emu::threads_per_sm(); return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }
