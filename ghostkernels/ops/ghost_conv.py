@@ -47,7 +47,7 @@ backends.register(OP, "cpu", "ghostkernels.compiled.ghost_conv", FLOATING)
 backends.register(OP, "cuda", "ghostkernels.compiled.ghost_conv", GPU_DTYPES)
 backends.register(OP, "triton", "ghostkernels.triton.ghost_conv", GPU_DTYPES)
 # Measured (BENCHMARKS.md, H200, 2026-11-28): cuDNN eager (conv1x1, dwconv3x3, cat: the reference
-# backend) was fastest at 14 of the 20 standard Ghost cases (fp16, batch 1/32, NCHW/channels_last);
+# backend) was fastest at 15 of the 20 standard Ghost cases (fp16, batch 1/32, NCHW/channels_last);
 # neither fused kernel is faster yet, so the automatic choice on CUDA is the reference.
 backends.set_auto_order(OP, "cuda", ("reference", "cuda", "triton"))
 

@@ -28,7 +28,7 @@ import torch
 from ghostkernels import backends
 from ghostkernels.ops.eager import EagerOp, eager_safe
 from ghostkernels.reference.ms_deform_attn import ms_deform_attn_forward as reference_forward
-from ghostkernels.reference.ms_deform_attn import softmax_over_points
+from ghostkernels.reference.ms_deform_attn import level_lists, softmax_over_points
 from ghostkernels.checks import (FLOATING, dtype_name, require_dim_size, require_dtype,
                                  require_ndim, require_same_device, require_same_dtype,
                                  require_tensor, tracing)
@@ -192,8 +192,7 @@ def _check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
     seen = _validated.get(key)
     if seen is not None and seen[0]() is spatial_shapes and seen[1]() is level_start_index:
         return
-    shapes = spatial_shapes.tolist()
-    starts = level_start_index.tolist()
+    shapes, starts = level_lists(spatial_shapes, level_start_index)
     total = 0
     for lvl, (h, w) in enumerate(shapes):
         if h < 1 or w < 1:

@@ -4,8 +4,40 @@ This *defines* the op. Per level, the value map ``[N*M, D, H, W]`` is sampled bi
 points ``2*loc - 1`` (zero padding, ``align_corners=False``: pixel coordinate ``loc*size - 0.5``),
 weighted by the attention weights and summed over levels and points.
 """
+import weakref
+
 import torch
 import torch.nn.functional as F
+
+# Host copies of level tables: key -> (weak refs to the very tensors read, shapes, starts)
+_level_lists: dict[tuple, tuple] = {}
+
+
+def level_lists(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor
+                ) -> tuple[list[tuple[int, int]], list[int]]:
+    """``spatial_shapes`` and ``level_start_index`` as Python lists, read from the device once per
+    tensor version: repeated calls copy nothing, so a CUDA graph can capture the reference after
+    one warm-up call (a device-to-host copy cannot be captured). Tracers (compile, export, fake
+    tensors) read the tensors directly."""
+    def read():
+        return ([(int(h), int(w)) for h, w in spatial_shapes.tolist()],
+                [int(s) for s in level_start_index.tolist()])
+
+    plain = type(spatial_shapes) is torch.Tensor and type(level_start_index) is torch.Tensor
+    if not plain or torch.compiler.is_compiling():
+        return read()
+    key = (spatial_shapes.data_ptr(), spatial_shapes._version, tuple(spatial_shapes.shape),
+           spatial_shapes.device, level_start_index.data_ptr(), level_start_index._version,
+           tuple(level_start_index.shape))
+    hit = _level_lists.get(key)
+    if hit is not None and hit[0]() is spatial_shapes and hit[1]() is level_start_index:
+        return hit[2], hit[3]
+    shapes, starts = read()
+    if len(_level_lists) > 1024:
+        _level_lists.clear()
+    _level_lists[key] = (weakref.ref(spatial_shapes), weakref.ref(level_start_index), shapes,
+                         starts)
+    return shapes, starts
 
 
 def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations,
@@ -20,8 +52,7 @@ def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_lo
     dtype = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
     value = value.to(dtype)
     grids = 2.0 * sampling_locations.to(dtype) - 1.0  # [N,Lq,M,L,P,2]
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    starts = [int(s) for s in level_start_index.tolist()]
+    shapes, starts = level_lists(spatial_shapes, level_start_index)
     sampled = []
     for lvl, (h, w) in enumerate(shapes):
         v = value[:, starts[lvl]:starts[lvl] + h * w]  # [N, h*w, M, D]
