@@ -165,3 +165,29 @@ def test_the_reference_reads_the_level_tables_from_the_device_once():
     assert reference.level_lists(shapes, starts) == ([(5, 6), (3, 2)], [0, 30])
     shapes[1, 1] = 1
     assert reference.level_lists(shapes, starts) == ([(5, 6), (3, 1)], [0, 30])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compiling_hands_the_compiler_plain_ops_when_the_reference_is_chosen(backend):
+    """Under torch.compile an op whose chosen backend is the reference is traced as its plain
+    PyTorch ops (the compiler can fuse them); an op with a kernel stays one custom op. Both equal
+    eager."""
+    if backend == "cpu" and not ghostkernels.backends.availability("cpu", "cpu").available:
+        pytest.skip("the C++ extension is not built")
+    from torch._dynamo.backends.common import aot_autograd
+
+    public, _, tensors = _cases(torch.Generator().manual_seed(4))["ghost_conv"]
+    seen = set()
+
+    def record(gm, _inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    with ghostkernels.use_backend(backend), torch.no_grad():
+        compiled = torch.compile(public, fullgraph=True, backend=aot_autograd(fw_compiler=record))
+        out, expected = compiled(*tensors), public(*tensors)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    custom = "ghostkernels.ghost_conv.default" in seen
+    assert custom == (backend == "cpu"), seen
+    assert ("aten.convolution.default" in seen) == (backend == "reference"), seen

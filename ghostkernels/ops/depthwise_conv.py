@@ -118,6 +118,6 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if isinstance(stride, bool) or stride not in STRIDES:
         raise ValueError(f"stride must be one of {STRIDES}, got {stride!r}")
     relu = parse_act("act", act)
-    if backends.decomposing():  # plain F.conv2d for exporters (see ghostkernels.decomposed)
+    if backends.wants_plain_ops(OP, x):  # exporters, or a compiler that can fuse them
         return reference.forward(x, weight.reshape(C, kh * kw), bias, kh, kw, int(stride), relu)
     return _depthwise_conv_call(x, weight.reshape(C, kh * kw), bias, kh, kw, int(stride), relu)

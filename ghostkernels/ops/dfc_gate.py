@@ -147,6 +147,6 @@ def dfc_gate(x: torch.Tensor, w_proj: torch.Tensor, b_proj: torch.Tensor | None,
     b_h = check_bias("b_h", b_h, C, x, "w_h")
     b_v = check_bias("b_v", b_v, C, x, "w_v")
     w_h, w_v = w_h.reshape(C, reference.TAPS), w_v.reshape(C, reference.TAPS)
-    if backends.decomposing():  # plain avg_pool2d/conv2d for exporters (ghostkernels.decomposed)
+    if backends.wants_plain_ops(OP, x):  # exporters, or a compiler that can fuse them
         return reference.forward(x, w_proj, b_proj, w_h, b_h, w_v, b_v)
     return _dfc_gate_call(x, w_proj, b_proj, w_h, b_h, w_v, b_v)

@@ -278,7 +278,7 @@ def ghost_conv(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tensor
         raise ValueError(f"out_channels must be in [C1, 2*C1] = [{C1}, {2 * C1}] (C1 from "
                          f"w_primary), got {out_channels}")
     check_epilogues(x, out_channels, input_scale, gate, residual)
-    if backends.decomposing():  # plain conv2d/cat for exporters (see ghostkernels.decomposed)
+    if backends.wants_plain_ops(OP, x):  # exporters, or a compiler that can fuse them
         return reference.forward(x, w_primary.reshape(C1, Cin), b_primary, w_cheap.reshape(C1, 9),
                                  b_cheap, relu_primary, relu_cheap, out_channels, input_scale,
                                  gate, residual)

@@ -114,6 +114,6 @@ def se_excitation(pooled: torch.Tensor, w_reduce: torch.Tensor, b_reduce: torch.
     require_dim_size("w_expand", w_expand, 1, R, "hidden channels R of w_reduce")
     b_reduce = check_bias("b_reduce", b_reduce, R, pooled, "w_reduce", "pooled")
     b_expand = check_bias("b_expand", b_expand, C, pooled, "w_expand", "pooled")
-    if backends.decomposing():  # plain linear/relu/hardsigmoid for exporters
+    if backends.wants_plain_ops(OP, pooled):  # exporters, or a compiler that can fuse them
         return reference.forward(pooled, w_reduce, b_reduce, w_expand, b_expand)
     return _se_excitation_call(pooled, w_reduce, b_reduce, w_expand, b_expand)
