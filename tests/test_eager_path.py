@@ -191,3 +191,15 @@ def test_compiling_hands_the_compiler_plain_ops_when_the_reference_is_chosen(bac
     custom = "ghostkernels.ghost_conv.default" in seen
     assert custom == (backend == "cpu"), seen
     assert ("aten.convolution.default" in seen) == (backend == "reference"), seen
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_torch_func_grad_equals_autograd(name):
+    """torch.func.grad through a public op (which a torch.library custom op does not support)
+    gives autograd's gradient."""
+    public, _, tensors = _cases(torch.Generator().manual_seed(5))[name]
+    first, rest = tensors[0], tensors[1:]
+    grad = torch.func.grad(lambda t: public(t, *rest).square().sum())(first)
+    t = first.detach().requires_grad_()
+    public(t, *rest).square().sum().backward()
+    torch.testing.assert_close(grad, t.grad, rtol=1e-12, atol=1e-12)

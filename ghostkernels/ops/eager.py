@@ -46,8 +46,17 @@ class EagerOp:
             "forward": staticmethod(forward_with_ctx),
             "backward": staticmethod(backward),
         })
+        # torch.func transforms (grad, vjp, jacrev) need the separate setup_context form: used
+        # only under them (the custom op itself does not support them).
+        self.transformable = type(f"{forward.__name__}_func", (torch.autograd.Function,), {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        })
 
     def __call__(self, *args):
         if eager_safe(args):
+            if torch._C._are_functorch_transforms_active():
+                return self.transformable.apply(*args)
             return self.function.apply(*args)
         return self.custom_op(*args)

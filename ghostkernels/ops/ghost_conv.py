@@ -129,8 +129,8 @@ def _backward_on_backend(ctx, grad_y):
     if len(rest) == 1:
         y0 = rest[0]
     else:  # the core output: the same op without gate and residual
-        y0 = _ghost_conv(x, w_primary, rest[0], w_cheap, rest[1], *ctx.relu, ctx.out_channels,
-                         input_scale)
+        y0 = _ghost_conv_call(x, w_primary, rest[0], w_cheap, rest[1], *ctx.relu,
+                              ctx.out_channels, input_scale, None, None)
     grad_y0, grad_gate, grad_residual = reference.epilogue_backward(
         grad_y, y0, gate, needs[9], needs[10])
     needs_scaled_x = needs[0] or needs[8]
