@@ -293,10 +293,15 @@ def test_fused_ops_auto_mode_runs_plain_convs_on_the_cpu(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_fused_ops_fp16_channels_last_on_gpu():
+@pytest.mark.parametrize("backend", [None, "cuda", "triton"])
+def test_fused_ops_fp16_channels_last_on_gpu(backend):
+    """The automatic choice (cuDNN for ghost_conv / depthwise_conv, kernels for the rest) and each
+    kernel backend forced (ops it lacks run as plain convs)."""
+    if backend and not ghostkernels.backends.availability(backend, "cuda").available:
+        pytest.skip(f"{backend} backend unavailable")
     net = _folded_pair(1.0).cuda()
     x = torch.rand(2, 3, 160, 224, device="cuda")
-    with torch.no_grad():
+    with torch.no_grad(), ghostkernels.use_backend(backend):
         ref = net(x)
         half = copy.deepcopy(net).half().to(memory_format=torch.channels_last)
         xh = x.half().to(memory_format=torch.channels_last)
