@@ -10,7 +10,9 @@ So the public functions call :class:`EagerOp`: when nothing needs the custom op 
 export tracing, no dispatch or torch-function mode such as FakeTensorMode or an op counter, only
 plain tensors and parameters), it runs the op's own implementation, setup_context and backward
 through a plain ``torch.autograd.Function``; otherwise the custom op. Both run the same functions,
-so values, gradients and backend choice are identical (tests/test_eager_path.py).
+so values, gradients and backend choice are identical (tests/test_eager_path.py). Under torch.func
+transforms (grad, vjp), which the custom op does not support, a setup_context-style Function runs
+the same functions.
 """
 from __future__ import annotations
 
