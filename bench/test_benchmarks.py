@@ -170,3 +170,29 @@ def test_se_excitation(benchmark, shape, batch, backend):
     with torch.no_grad():
         _run(benchmark, f"se-excitation B{batch} {shape} {_dtype_id(CONV_DTYPE)}", backend,
              lambda: se_excitation(pooled, *params))
+
+
+@pytest.mark.parametrize("path", ["public op (eager path)", "custom op"])
+def test_host_overhead_msda_forward_backward(benchmark, path):
+    """Host time of one MSDA forward+backward on a tiny input (the kernel is negligible): the
+    public op's eager path (ghostkernels/ops/eager.py) against the torch.library custom op it
+    bypasses in eager mode."""
+    import importlib
+    op = importlib.import_module("ghostkernels.ops.ms_deform_attn")
+    value, shapes, starts, loc, weights = make_case(1, [(4, 4), (2, 2)], 3, torch.float32,
+                                                    DEVICE, torch.Generator().manual_seed(0))
+    leaves = [t.requires_grad_() for t in (value, loc, weights)]
+    if path == "custom op":
+        def call(v, lo, w):
+            return op._ms_deform_attn(v, shapes, starts, lo, w, False)
+    else:
+        def call(v, lo, w):
+            return ms_deform_attn(v, shapes, starts, lo, w)
+
+    def step():
+        call(*leaves).sum().backward()
+
+    backend = "cuda" if GPU else "cpu"
+    if not backends.availability(backend, DEVICE).available:
+        backend = "reference"
+    _run(benchmark, "host-overhead msda fwd+bwd tiny", backend, step)
