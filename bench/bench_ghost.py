@@ -20,6 +20,19 @@ SHAPES = {"16->48 @320": (16, 48, 320), "24->72 @160": (24, 72, 160), "40->120 @
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def ghost_weights(cin: int, cout: int, device, dtype, generator=None):
+    """``(w1, b1, w2, b2)`` of a folded Ghost module ``cin -> cout``: the 1x1 conv
+    ``[cout//2, cin, 1, 1]`` (scale 1/sqrt(cin)), the depthwise 3x3 ``[cout//2, 1, 3, 3]`` (scale
+    1/3) and biases of scale 0.1, drawn on the CPU (``generator``) and moved to ``device``."""
+    c1 = cout // 2
+
+    def draw(*shape, scale):
+        return (torch.randn(*shape, generator=generator) * scale).to(device, dtype)
+
+    return (draw(c1, cin, 1, 1, scale=cin ** -0.5), draw(c1, scale=0.1),
+            draw(c1, 1, 3, 3, scale=1 / 3), draw(c1, scale=0.1))
+
+
 def eager_ghost(x, w1, b1, w2, b2):
     x1 = F.relu(F.conv2d(x, w1, b1))
     x2 = F.relu(F.conv2d(x1, w2, b2, padding=1, groups=w2.shape[0]))
@@ -51,10 +64,7 @@ def main(argv=None):
         for shape in shapes:
             cin, cout, hw = SHAPES[shape]
             c1 = cout // 2
-            w1 = torch.randn(c1, cin, 1, 1, device=device, dtype=dtype) / cin ** 0.5
-            b1 = torch.randn(c1, device=device, dtype=dtype) * 0.1
-            w2 = torch.randn(c1, 1, 3, 3, device=device, dtype=dtype) / 3
-            b2 = torch.randn(c1, device=device, dtype=dtype) * 0.1
+            w1, b1, w2, b2 = ghost_weights(cin, cout, device, dtype)
             for batch in args.batches:
                 for fmt in args.formats:
                     x = torch.randn(batch, cin, hw, hw, device=device, dtype=dtype)

@@ -15,6 +15,7 @@ import argparse
 
 import torch
 
+from bench.bench_ghost import ghost_weights
 from bench.bench_msda import DEC_LEVELS, make_case
 from ghostkernels import backends, ghost_conv, ms_deform_attn, use_backend
 
@@ -22,9 +23,7 @@ from ghostkernels import backends, ghost_conv, ms_deform_attn, use_backend
 def ghost(repeats: int, names) -> None:
     x = torch.randn(32, 40, 80, 80, device="cuda", dtype=torch.float16)
     x = x.contiguous(memory_format=torch.channels_last)
-    w1 = torch.randn(60, 40, 1, 1, device="cuda", dtype=torch.float16) / 40 ** 0.5
-    w2 = torch.randn(60, 1, 3, 3, device="cuda", dtype=torch.float16) / 3
-    b1, b2 = (torch.randn(60, device="cuda", dtype=torch.float16) * 0.1 for _ in range(2))
+    w1, b1, w2, b2 = ghost_weights(40, 120, "cuda", torch.float16)
     for backend in names:
         with use_backend(backend), torch.no_grad():
             for _ in range(repeats):

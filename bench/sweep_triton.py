@@ -19,9 +19,9 @@ import time
 
 import torch
 
+from bench.bench_ghost import ghost_weights
+from bench.bench_msda import DEC_LEVELS, make_case
 from ghostkernels.benchmark import Row, machine_description, time_ms, write_outputs
-
-MSDA_LEVELS = [(80, 80), (40, 40), (20, 20)]
 
 
 def _check_and_time(fn, expected, device, budget_end):
@@ -52,8 +52,15 @@ def _rows(group, case, results, default_key):
     return rows
 
 
-def sweep_msda(device, budget_end, N=32, Lq=300, levels=MSDA_LEVELS):
-    from bench.bench_msda import make_case
+def _msda_key(cfg) -> str:
+    return f"q{cfg.block_q} d{cfg.block_d} w{cfg.num_warps}"
+
+
+def _ghost_key(cfg) -> str:
+    return f"h{cfg.block_h} w{cfg.block_w} c{cfg.block_c} k{cfg.block_k} w{cfg.num_warps}"
+
+
+def sweep_msda(device, budget_end, N=32, Lq=300, levels=DEC_LEVELS):
     from ghostkernels.triton import ms_deform_attn as tk
 
     rows = []
@@ -81,11 +88,9 @@ def sweep_msda(device, budget_end, N=32, Lq=300, levels=MSDA_LEVELS):
         expected = run(default)
         results = {}
         for cfg in [default] + sorted(configs - {default}, key=lambda c: (c.block_q, c.num_warps)):
-            key = f"q{cfg.block_q} d{cfg.block_d} w{cfg.num_warps}"
-            results[key] = _check_and_time(lambda cfg=cfg: run(cfg), expected, device,
-                                           budget_end)
-        default_key = f"q{default.block_q} d{default.block_d} w{default.num_warps}"
-        rows += _rows(f"triton-msda-{kind}", case, results, default_key)
+            results[_msda_key(cfg)] = _check_and_time(lambda cfg=cfg: run(cfg), expected, device,
+                                                      budget_end)
+        rows += _rows(f"triton-msda-{kind}", case, results, _msda_key(default))
     return rows
 
 
@@ -94,12 +99,8 @@ def sweep_ghost(device, budget_end, batch=32, hw=80):
 
     rows = []
     cin, cout = 40, 120
-    c1 = cout // 2
     dtype = torch.float16
-    w1 = torch.randn(c1, cin, 1, 1, device=device, dtype=dtype) / cin ** 0.5
-    b1 = torch.randn(c1, device=device, dtype=dtype) * 0.1
-    w2 = torch.randn(c1, 1, 3, 3, device=device, dtype=dtype) / 3
-    b2 = torch.randn(c1, device=device, dtype=dtype) * 0.1
+    w1, b1, w2, b2 = ghost_weights(cin, cout, device, dtype)
     # (block_h, block_w, block_c, block_k, warps), after the default: around the channels_last
     # default (16 columns x 32 channels, the best of the first sweep); then the NCHW default with
     # more warps (fewer registers per thread), taller strips (less halo recomputation), wider
@@ -124,12 +125,10 @@ def sweep_ghost(device, budget_end, batch=32, hw=80):
         results = {}
         configs = [default] + [tk.GhostLaunchConfig(*t) for t in candidates]
         for cfg in dict.fromkeys(configs):
-            key = f"h{cfg.block_h} w{cfg.block_w} c{cfg.block_c} k{cfg.block_k} w{cfg.num_warps}"
-            results[key] = _check_and_time(lambda cfg=cfg: run(cfg), expected, device, budget_end)
-        default_key = (f"h{default.block_h} w{default.block_w} c{default.block_c} "
-                       f"k{default.block_k} w{default.num_warps}")
+            results[_ghost_key(cfg)] = _check_and_time(lambda cfg=cfg: run(cfg), expected, device,
+                                                       budget_end)
         rows += _rows("triton-ghost-fwd", f"B{batch} g {cin}->{cout} @{hw} fp16 {fmt}", results,
-                      default_key)
+                      _ghost_key(default))
     return rows
 
 

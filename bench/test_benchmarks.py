@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.bench_ghost import SHAPES as GHOST_SHAPES
+from bench.bench_ghost import ghost_weights
 from bench.bench_msda import CASES as MSDA_CASES
 from bench.bench_msda import make_case
 from ghostkernels import (backends, depthwise_conv, dfc_gate, ghost_conv, ms_deform_attn,
@@ -106,12 +107,9 @@ def test_msda_forward_backward(benchmark, case, dtype, backend):
 def _ghost_inputs(shape: str, batch: int, fmt: str):
     cin, cout, hw = GHOST_SHAPES[shape]
     g = torch.Generator().manual_seed(0)
-    half = cout // 2
     x = torch.randn(batch, cin, hw, hw, generator=g).to(DEVICE, CONV_DTYPE)
-    w1 = (torch.randn(half, cin, 1, 1, generator=g) / cin ** 0.5).to(DEVICE, CONV_DTYPE)
-    w2 = (torch.randn(half, 1, 3, 3, generator=g) / 3).to(DEVICE, CONV_DTYPE)
-    b1, b2 = (torch.randn(half, generator=g).mul(0.1).to(DEVICE, CONV_DTYPE) for _ in range(2))
-    return x.contiguous(memory_format=FORMATS[fmt]), w1, b1, w2, b2
+    return (x.contiguous(memory_format=FORMATS[fmt]),
+            *ghost_weights(cin, cout, DEVICE, CONV_DTYPE, generator=g))
 
 
 def _ghost_shape_cases(op: str):

@@ -260,20 +260,16 @@ def _chosen_when_traced(op: str, device_type: str, dtype: torch.dtype) -> str:
     return select(op, torch.device(device_type), dtype)
 
 
-def compiles_to_reference(op: str, x: torch.Tensor) -> bool:
-    """True while torch.compile traces a call of ``op`` on ``x`` whose chosen backend is the
-    reference: the public op then hands the compiler the reference's plain PyTorch ops instead of
-    an opaque custom op that would run those same ops, so that the compiler can fuse them (the
-    backend is chosen once, when the graph is traced)."""
-    return (torch.compiler.is_compiling()
-            and _chosen_when_traced(op, x.device.type, x.dtype) == "reference")
-
-
 def wants_plain_ops(op: str, x: torch.Tensor) -> bool:
     """Whether a public op should run its reference's plain PyTorch ops rather than its custom op:
-    for exporters (:func:`decomposed`), and for a compiler tracing a call whose chosen backend is
-    the reference anyway (:func:`compiles_to_reference`)."""
-    return decomposing() or compiles_to_reference(op, x)
+    for exporters (:func:`decomposed`), and while torch.compile traces a call of ``op`` on ``x``
+    whose chosen backend is the reference anyway, so that the compiler can fuse those ops rather
+    than run them inside an opaque custom op (the backend is chosen once, when the graph is
+    traced)."""
+    if decomposing():
+        return True
+    return (torch.compiler.is_compiling()
+            and _chosen_when_traced(op, x.device.type, x.dtype) == "reference")
 
 
 def resolve(op: str, device: torch.device, dtype: torch.dtype):

@@ -266,16 +266,19 @@ def test_forced_backend_that_cannot_run_raises():
 
 
 def test_level_checks_are_not_skipped_for_a_new_tensor_with_a_reused_address():
-    """The checked-metadata cache must not trust a new tensor whose key (address, version counter,
-    shape) equals that of a tensor checked before: a freed tensor's memory is reused."""
-    op_module = importlib.import_module("ghostkernels.ops.ms_deform_attn")
+    """The cache of level tables read from the device must not trust a new tensor whose key
+    (address, version counter, shape) equals that of a tensor read before: a freed tensor's memory
+    is reused."""
+    reference = importlib.import_module("ghostkernels.reference.ms_deform_attn")
     args = _good()
-    ghostkernels.ms_deform_attn(*args)  # checks and caches args[1], args[2]
+    ghostkernels.ms_deform_attn(*args)  # checks args[1], args[2] and caches their host copies
     bad = torch.tensor([0, 23])
-    key = (args[1].data_ptr(), args[1]._version, tuple(args[1].shape), bad.data_ptr(),
-           bad._version, args[0].shape[1], args[1].device)
+    key = (args[1].data_ptr(), args[1]._version, tuple(args[1].shape), args[1].device,
+           bad.data_ptr(), bad._version, tuple(bad.shape))
     # what the cache would hold had a checked tensor lived at bad's address before
-    op_module._validated[key] = op_module._validated[next(iter(op_module._validated))]
+    good_key = (args[1].data_ptr(), args[1]._version, tuple(args[1].shape), args[1].device,
+                args[2].data_ptr(), args[2]._version, tuple(args[2].shape))
+    reference._level_lists[key] = reference._level_lists[good_key]
     with pytest.raises(ValueError, match="level_start_index"):
         ghostkernels.ms_deform_attn(args[0], args[1], bad, args[3], args[4])
 

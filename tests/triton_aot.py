@@ -85,9 +85,8 @@ def record_launches():
 
 def compile_launch(launch: dict) -> dict:
     import triton
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
-    from triton.backends.compiler import BaseBackend
     kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
     names = list(launch["signature"])
     attrs = {(names.index(name),): BaseBackend.parse_attr(desc)

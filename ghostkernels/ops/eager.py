@@ -4,8 +4,7 @@ Every op is a ``torch.library`` custom op (one graph node for torch.compile and 
 kernel, opcheck). In plain eager mode that wrapper costs more host time than the kernels of a
 small input: on the development CPU, a tiny MSDA forward+backward took 225-245 us through the
 custom op and 165-190 us through this path, a forward with grad 55-72 and 31-40 us (the kernel
-itself: ~4 us). On a GPU at batch 1 this
-host time, not the GPU, sets the latency.
+itself: ~4 us). On a GPU at batch 1 this host time, not the GPU, sets the latency.
 
 So the public functions call :class:`EagerOp`: when nothing needs the custom op (no compile or
 export tracing, no dispatch or torch-function mode such as FakeTensorMode or an op counter, only

@@ -21,7 +21,6 @@ Kernel contract, the same for every backend module (``forward`` / ``backward``):
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 
@@ -163,11 +162,10 @@ def _backward(ctx, grad_output):
         ctx.saved_tensors
     # Read when the backward runs: float atomics make grad_value order-dependent on a GPU only.
     deterministic = torch.are_deterministic_algorithms_enabled() and value.device.type == "cuda"
-    args = (grad_output, *ctx.saved_tensors)
+    args = (grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+            attention_weights, ctx.softmax, deterministic, ctx.backend)
     backward_op = _ms_deform_attn_backward_impl if eager_safe(args) else _ms_deform_attn_backward
-    g_value, g_loc, g_attn = backward_op(
-        grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-        attention_weights, ctx.softmax, deterministic, ctx.backend)
+    g_value, g_loc, g_attn = backward_op(*args)
     needs = ctx.needs_input_grad
     return (g_value if needs[0] else None, None, None, g_loc if needs[3] else None,
             g_attn if needs[4] else None, None)
@@ -180,18 +178,9 @@ _ms_deform_attn_call = EagerOp(_ms_deform_attn, _ms_deform_attn_impl, _setup_con
 # --------------------------------------------------------------------------------------------
 # Public function
 
-# Level metadata already checked: key -> weak references to the very tensors that were checked (a
-# key alone could match a new tensor that reuses a freed one's memory with other contents).
-_validated: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
-
-
 def _check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int) -> None:
-    """Value-dependent checks of the level metadata (host read; cached per tensor version)."""
-    key = (spatial_shapes.data_ptr(), spatial_shapes._version, tuple(spatial_shapes.shape),
-           level_start_index.data_ptr(), level_start_index._version, S, spatial_shapes.device)
-    seen = _validated.get(key)
-    if seen is not None and seen[0]() is spatial_shapes and seen[1]() is level_start_index:
-        return
+    """Value-dependent checks of the level metadata (the host copies of ``level_lists``, read from
+    the device once per tensor version)."""
     shapes, starts = level_lists(spatial_shapes, level_start_index)
     total = 0
     for lvl, (h, w) in enumerate(shapes):
@@ -206,9 +195,6 @@ def _check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
     if total != S:
         raise ValueError(f"spatial_shapes must describe value's {S} positions "
                          f"(sum of h*w over levels), but they sum to {total}: {shapes}")
-    if len(_validated) > 1024:
-        _validated.clear()
-    _validated[key] = (weakref.ref(spatial_shapes), weakref.ref(level_start_index))
 
 
 def _checked_inputs(value, spatial_shapes, level_start_index, sampling_locations,
