@@ -106,6 +106,11 @@ def main(argv=None):
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="GPU: also print the TOP most expensive CUDA kernels of the folded "
                              "eager and folded fused models per batch (torch.profiler)")
+    parser.add_argument("--force-backends", nargs="*", default=[], metavar="BACKEND",
+                        choices=["cuda", "triton"],
+                        help="also time the folded fused model with every op forced to each of "
+                             "these backends (plain and, on a GPU, in a CUDA graph): the fused "
+                             "kernels inside the model, whatever the automatic choice is")
     parser.add_argument("--out", default=None, help="directory for backbone.md and backbone.json")
     args = parser.parse_args(argv)
     if args.threads:
@@ -151,6 +156,21 @@ def main(argv=None):
                 timings[name] = timed(
                     lambda: cuda_graph_replay(lambda: models["ghostnetv3 folded fused"](x)),
                     device, failures, name, replay=True)
+        for forced in args.force_backends:
+            fused = models["ghostnetv3 folded fused"]
+            name = f"ghostnetv3 folded fused [{forced}]"
+
+            def forward_forced(forced=forced):
+                with backends.use_backend(forced):
+                    return fused(x)
+
+            with torch.inference_mode():
+                timings[name] = timed(forward_forced, device, failures, name)
+            if device == "cuda":
+                with torch.no_grad():
+                    timings[name + " + CUDA graph"] = timed(
+                        lambda fn=forward_forced: cuda_graph_replay(fn), device, failures,
+                        name + " + CUDA graph", replay=True)
         if device == "cuda" and args.profile:
             with torch.inference_mode():
                 for name in ("ghostnetv3 folded eager", "ghostnetv3 folded fused"):
@@ -161,8 +181,8 @@ def main(argv=None):
                       if b in timings and b != name and not math.isnan(ms)}
             note = failures.get(name) or "; ".join(
                 part for part in (f"{ops[name]} ops" if ops.get(name) else "",
-                                  f"ghostkernels backend: {fused_backend}" if "fused" in name
-                                  else "") if part)
+                                  f"ghostkernels backend: {fused_backend}"
+                                  if "fused" in name and "[" not in name else "") if part)
             rows.append(Row("backbone", case, name, ms, ratios=ratios, note=note))
         write_outputs(rows, header, args.out, "backbone", echo=False)
     write_outputs(rows, header, args.out, "backbone")

@@ -6,9 +6,10 @@ session can choose the defaults from measurements.
     python -m bench.sweep_triton --kernels ghost       # one kernel family
 
 Kernels: the MSDA forward and backward at rtdetr-dec bs32 (fp16 and fp32), and the folded Ghost
-op at the Ghost-op target shape (B32 40->120 @80, fp16, channels_last and NCHW). A config that
-fails to compile or launch is reported as failed and the sweep goes on. The default launch is
-marked in the table; candidates are sorted by time within each case.
+op at the Ghost-op target shape (B32 40->120 @80, fp16, channels_last and NCHW, and channels_last
+with the input scale and residual epilogues): halo-kernel tiles, and the row kernel's best.
+A config that fails to compile or launch is reported as failed and the sweep goes on. The default
+launch is marked in the table; candidates are sorted by time within each case.
 """
 from __future__ import annotations
 
@@ -57,7 +58,10 @@ def _msda_key(cfg) -> str:
 
 
 def _ghost_key(cfg) -> str:
-    return f"h{cfg.block_h} w{cfg.block_w} c{cfg.block_c} k{cfg.block_k} w{cfg.num_warps}"
+    if hasattr(cfg, "halo_h"):
+        return (f"halo {cfg.halo_h}x{cfg.halo_w} c{cfg.block_c} k{cfg.block_k} "
+                f"w{cfg.num_warps}")
+    return f"rows h{cfg.block_h} w{cfg.block_w} c{cfg.block_c} k{cfg.block_k} w{cfg.num_warps}"
 
 
 def sweep_msda(device, budget_end, N=32, Lq=300, levels=DEC_LEVELS):
@@ -101,34 +105,40 @@ def sweep_ghost(device, budget_end, batch=32, hw=80):
     cin, cout = 40, 120
     dtype = torch.float16
     w1, b1, w2, b2 = ghost_weights(cin, cout, device, dtype)
-    # (block_h, block_w, block_c, block_k, warps), after the default: around the channels_last
-    # default (16 columns x 32 channels, the best of the first sweep); then the NCHW default with
-    # more warps (fewer registers per thread), taller strips (less halo recomputation), wider
-    # channel blocks (fewer x re-reads), then smaller tiles.
-    candidates = [(8, 16, 64, 16, 4), (8, 16, 64, 16, 8), (8, 16, 32, 16, 2), (16, 16, 32, 16, 4),
-                  (8, 16, 32, 32, 4), (4, 16, 32, 16, 4), (8, 32, 16, 16, 4),
-                  (8, 32, 16, 16, 8), (16, 32, 16, 16, 4), (16, 32, 16, 16, 8),
-                  (8, 32, 32, 16, 8), (8, 64, 16, 16, 8), (8, 32, 16, 32, 8), (4, 32, 16, 16, 4),
-                  (8, 16, 16, 16, 2), (8, 16, 16, 16, 4), (8, 32, 16, 16, 2), (8, 32, 32, 16, 4),
-                  (16, 64, 16, 16, 8), (16, 32, 32, 16, 8), (8, 16, 32, 16, 4), (4, 64, 16, 16, 8),
-                  (32, 32, 16, 16, 8)]
-    for fmt in ("nhwc", "nchw"):
-        x = torch.randn(batch, cin, hw, hw, device=device, dtype=dtype)
-        if fmt == "nhwc":
-            x = x.contiguous(memory_format=torch.channels_last)
-        default = tk.default_config(hw, fmt == "nhwc")
+    # halo kernel (halo_h, halo_w, block_c, block_k, warps): pixel tiles of 128/256/512, channel
+    # blocks 16/32/64, 4/8/16 warps; then the row kernel (block_h, block_w, block_c, block_k,
+    # warps) at its measured channels_last best and NCHW default, for comparison.
+    halo_candidates = [(8, 16, 32, 16, 8), (8, 16, 32, 16, 4), (8, 16, 16, 16, 4),
+                       (8, 16, 64, 16, 8), (16, 16, 16, 16, 8), (16, 16, 32, 16, 8),
+                       (16, 16, 32, 16, 16), (8, 32, 16, 16, 8), (8, 32, 32, 16, 8),
+                       (16, 8, 32, 16, 8), (16, 32, 16, 16, 16), (8, 16, 32, 64, 8),
+                       (4, 32, 32, 16, 4), (32, 16, 16, 16, 16)]
+    row_candidates = [(8, 16, 32, 16, 4), (8, 32, 16, 16, 4)]
+    cases = [("nhwc", ()), ("nchw", ()), ("nhwc", ("input_scale", "residual"))]
+    for fmt, extras in cases:
+        mem = torch.channels_last if fmt == "nhwc" else torch.contiguous_format
+        x = torch.randn(batch, cin, hw, hw, device=device, dtype=dtype).contiguous(
+            memory_format=mem)
+        kwargs = {}
+        if "input_scale" in extras:
+            kwargs["input_scale"] = torch.rand(batch, cin, device=device, dtype=dtype)
+        if "residual" in extras:
+            kwargs["residual"] = torch.randn(batch, cout, hw, hw, device=device,
+                                             dtype=dtype).contiguous(memory_format=mem)
+        default = tk.halo.default_config(cout // 2, cin, hw, fmt == "nhwc")
 
-        def run(cfg, x=x):
-            return tk.forward(x, w1, b1, w2, b2, True, True, cout, config=cfg)
+        def run(cfg, x=x, kwargs=kwargs):
+            return tk.forward(x, w1, b1, w2, b2, True, True, cout, config=cfg, **kwargs)
 
         expected = run(default)
         results = {}
-        configs = [default] + [tk.GhostLaunchConfig(*t) for t in candidates]
+        configs = ([default] + [tk.halo.HaloLaunchConfig(*t) for t in halo_candidates]
+                   + [tk.GhostLaunchConfig(*t) for t in row_candidates])
         for cfg in dict.fromkeys(configs):
             results[_ghost_key(cfg)] = _check_and_time(lambda cfg=cfg: run(cfg), expected, device,
                                                        budget_end)
-        rows += _rows("triton-ghost-fwd", f"B{batch} g {cin}->{cout} @{hw} fp16 {fmt}", results,
-                      _ghost_key(default))
+        label = f"B{batch} g {cin}->{cout} @{hw} fp16 {fmt}" + "".join(f" +{e}" for e in extras)
+        rows += _rows("triton-ghost-fwd", label, results, _ghost_key(default))
     return rows
 
 

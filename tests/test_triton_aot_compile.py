@@ -59,11 +59,14 @@ def _ghost_launches():
     for dtype, fmt, x in _conv_inputs():
         w1, b1 = torch.randn(8, 12).to(dtype), torch.randn(8).to(dtype)
         wc, bc = torch.randn(8, 9).to(dtype), torch.randn(8).to(dtype)
-        ghost_conv.forward(x, w1, b1, wc, bc, True, True, 16)
         gate = torch.rand(2, 16, 5, 6).to(dtype).contiguous(memory_format=fmt)
         residual = torch.randn(2, 16, 9, 11).to(dtype).contiguous(memory_format=fmt)
-        ghost_conv.forward(x, w1, b1, wc, bc, True, False, 16,
-                           input_scale=torch.rand(2, 12).to(dtype), gate=gate, residual=residual)
+        # the default (halo) kernel and the row kernel, plain and with every epilogue
+        for config in (None, ghost_conv.GhostLaunchConfig(8, 16, 16, 16, 4)):
+            ghost_conv.forward(x, w1, b1, wc, bc, True, True, 16, config=config)
+            ghost_conv.forward(x, w1, b1, wc, bc, True, False, 16, config=config,
+                               input_scale=torch.rand(2, 12).to(dtype), gate=gate,
+                               residual=residual)
 
 
 def _depthwise_launches():
@@ -187,6 +190,28 @@ def test_depthwise_kernel_does_not_spill_at_ghostnet_shapes(tmp_path):
     assert max(r["registers"] for r in results) <= 128, results
 
 
+def test_ghost_halo_kernel_does_not_spill_at_ghostnet_shapes(tmp_path):
+    """A static resource check (not a timing) of the default Ghost launches at the standard Ghost
+    shapes (bench/bench_ghost.py), fp16, both formats, plain and with the bottleneck epilogues."""
+    from bench.bench_ghost import SHAPES
+    from ghostkernels.triton import ghost_conv
+    with record_launches() as launches:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for cin, cout, size in SHAPES.values():
+                c1 = (cout + 1) // 2
+                x = torch.empty(32, cin, size, size, dtype=torch.float16).contiguous(
+                    memory_format=fmt)
+                w1, wc = torch.empty(c1, cin).half(), torch.empty(c1, 9).half()
+                b1, bc = torch.empty(c1).half(), torch.empty(c1).half()
+                ghost_conv.forward(x, w1, b1, wc, bc, True, True, cout)
+                residual = torch.empty(32, cout, size, size).half().contiguous(memory_format=fmt)
+                ghost_conv.forward(x, w1, b1, wc, bc, False, False, cout, residual=residual,
+                                   input_scale=torch.empty(32, cin).half())
+    assert {launch["kernel"] for launch in launches} == {"_ghost_halo_kernel"}
+    results = _compile_with_resources(launches, tmp_path)
+    assert not [r for r in results if r["stack_bytes"] > MAX_STACK_BYTES], results
+
+
 def test_every_triton_launch_compiles_for_sm90(tmp_path):
     with record_launches() as launches:
         _msda_launches()
@@ -196,6 +221,7 @@ def test_every_triton_launch_compiles_for_sm90(tmp_path):
         _se_launches()
     kernels = {launch["kernel"] for launch in launches}
     assert {"_ms_deform_attn_fwd_kernel", "_ms_deform_attn_bwd_kernel", "_ghost_conv_kernel",
+            "_ghost_halo_kernel",
             "_depthwise_kernel", "_pool_project_kernel", "_stencil_sigmoid_kernel",
             "_se_excitation_kernel"} <= kernels, kernels
     results = _compile_for_sm90(launches, tmp_path)

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ghostkernels.triton import ghost_conv_halo as halo
+
 BLOCK_H = 8
 
 
@@ -221,20 +223,19 @@ def default_config(W: int, channels_last: bool) -> GhostLaunchConfig:
 
 def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_cheap: bool,
             out_channels: int, input_scale=None, gate=None, residual=None, out=None,
-            config: GhostLaunchConfig | None = None):
+            config: GhostLaunchConfig | halo.HaloLaunchConfig | None = None):
     """Kernel contract of ``ghostkernels.ops.ghost_conv``. ``out`` (optional, for tests) is a
-    preallocated y of the right shape, dtype and memory format; ``config`` overrides the block
-    sizes (benchmark sweeps)."""
+    preallocated y of the right shape, dtype and memory format; ``config`` picks the kernel and
+    its block sizes (benchmark sweeps, tests): a ``HaloLaunchConfig`` (the default, from
+    ``halo.default_config``) runs the halo-tile kernel, a ``GhostLaunchConfig`` this module's
+    row kernel."""
     B, Cin, H, W = x.shape
     C1 = w_primary.shape[0]
     channels_last = not x.is_contiguous()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = out if out is not None else torch.empty((B, out_channels, H, W), dtype=x.dtype,
                                                 device=x.device, memory_format=fmt)
-    cfg = config or default_config(W, channels_last)
-    tiles_w = triton.cdiv(W, cfg.block_w)
-    strips = triton.cdiv(H, cfg.block_h)
-    chan_blocks = triton.cdiv(C1, cfg.block_c)
+    cfg = config or halo.default_config(C1, Cin, W, channels_last)
     if max(x[0].numel(), y[0].numel()) >= 2**31:
         raise ValueError("the Triton kernel indexes within one image in int32: each image of x and "
                          f"y must have fewer than 2**31 elements, got x {tuple(x.shape)}, "
@@ -243,6 +244,12 @@ def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_
         if t is not None and t[0].numel() >= 2**31:
             raise ValueError(f"the Triton kernel indexes within one image in int32: each image of "
                              f"{name} must have fewer than 2**31 elements, got {tuple(t.shape)}")
+    if isinstance(cfg, halo.HaloLaunchConfig):
+        return halo.launch(x, w_primary, b_primary, w_cheap, b_cheap, y, relu_primary,
+                           relu_cheap, out_channels, input_scale, gate, residual, cfg)
+    tiles_w = triton.cdiv(W, cfg.block_w)
+    strips = triton.cdiv(H, cfg.block_h)
+    chan_blocks = triton.cdiv(C1, cfg.block_c)
     Hg, Wg = gate.shape[-2:] if gate is not None else (1, 1)
     grid = (B * strips * tiles_w * chan_blocks,)
     _ghost_conv_kernel[grid](

@@ -1,0 +1,246 @@
+"""Triton kernel of the folded Ghost op, halo-tile mapping (the default launch).
+
+One program owns a ``HALO_H x HALO_W`` pixel tile of one image (flattened to one register axis of
+``HALO_H * HALO_W`` pixels, a power of two) x ``BLOCK_C`` primary channels. Its output pixels are
+the tile's interior, ``(HALO_H - 2) x (HALO_W - 2)``; the one-pixel ring around it is the halo the
+depthwise 3x3 needs. Tiles step by the interior size, so neighbouring tiles' halos overlap.
+
+1. x1 of every tile pixel, halo included, is ONE ``tl.dot`` of the [pixels, Cin] x tile with the
+   [Cin, BLOCK_C] weight (``BLOCK_K`` chunks, fp32 accumulation), plus bias and activation: an
+   M = 128..512 matrix product instead of the row kernel's M = 16 ones, each x1 computed once (the
+   halo ring costs (HALO_H*HALO_W) / interior, 1.3x at 16 x 16) instead of 3.75x.
+2. x1 goes to its final place, channels ``[0, C1)`` of y, for every in-image tile pixel: the halo
+   pixels belong to neighbouring tiles, which compute and write the same values (the same
+   instructions on the same inputs give the same bits), so the overlapping stores are benign.
+3. After a barrier (``tl.debug_barrier``: the program's own global stores are visible to all its
+   threads), the depthwise taps read x1 back from y, 9 shifted loads that the L1 serves, and the
+   result goes to channels ``[C1, out_channels)`` for the interior pixels.
+
+x1 thus makes one trip to memory, the one it has to make (it is half of y), and is read back from
+cache rather than recomputed; nothing is concatenated. For fp16/bf16 the depthwise reads x1 as
+stored (rounded to the output type), which is what the unfused ``cat(x1, dwconv(x1))`` computes.
+
+With a gate or residual epilogue y's first half is not x1 itself, so x1 goes to a separate
+``scratch`` tensor (one extra write of x1; the reads come from cache as before) and the epilogue
+result to y. Input scale, fp32 IEEE dots and the bf16 interpreter upcast work as in the row kernel
+(``ghostkernels.triton.ghost_conv``, whose docstring explains them).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _x1_tile(x_pix, w_ptr, scale_ptr, b_p, in_img, chans, chan_ok, Cin, sxc,
+             RELU: tl.constexpr, HAS_SCALE: tl.constexpr, SPLIT_SCALED_W: tl.constexpr,
+             PIXELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+             PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """act(x . W1 + b1) of the tile's pixels ([PIXELS, BLOCK_C] fp32); rows of pixels outside
+    the image are garbage (bias, activation) and must be masked by the caller."""
+    acc = tl.zeros([PIXELS, BLOCK_C], dtype=tl.float32)
+    for k0 in range(0, Cin, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < Cin
+        w = tl.load(w_ptr + chans[None, :] * Cin + ks[:, None],
+                    mask=k_ok[:, None] & chan_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_C]
+        if HAS_SCALE:  # (x * s) . w == x . (s * w)
+            s = tl.load(scale_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            w_scaled = w.to(tl.float32) * s[:, None]
+            w = w_scaled.to(w.dtype)
+            if SPLIT_SCALED_W:
+                w_rest = (w_scaled - w.to(tl.float32)).to(w.dtype)
+        xv = tl.load(x_pix[:, None] + ks[None, :] * sxc, mask=in_img[:, None] & k_ok[None, :],
+                     other=0.0)
+        if UPCAST_DOT:  # exact: products of two bf16 values fit in fp32
+            w = w.to(tl.float32)
+            xv = xv.to(tl.float32)
+        acc = tl.dot(xv, w, acc, input_precision=PRECISION)
+        if SPLIT_SCALED_W:
+            if UPCAST_DOT:
+                w_rest = w_rest.to(tl.float32)
+            acc = tl.dot(xv, w_rest, acc, input_precision=PRECISION)
+    acc += b_p[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    return acc
+
+
+@triton.jit
+def _apply_epilogue(v, rows, cols, out_chans, mask, gate_img, sgc, sgh, sgw, Hg, Wg, res_img,
+                    src, srh, srw, H, W, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """v [PIXELS, BLOCK_C] (pixels at rows/cols, channels out_chans) times the nearest gate values,
+    plus the residual."""
+    if HAS_GATE:
+        at = ((rows * Hg) // H) * sgh + ((cols * Wg) // W) * sgw
+        g = tl.load(gate_img + at[:, None] + out_chans[None, :] * sgc, mask=mask, other=0.0)
+        v = v * g.to(tl.float32)
+    if HAS_RESIDUAL:
+        res = tl.load(res_img + (rows * srh + cols * srw)[:, None] + out_chans[None, :] * src,
+                      mask=mask, other=0.0)
+        v = v + res.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _ghost_halo_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap_ptr, y_ptr,
+                       scratch_ptr, scale_ptr, gate_ptr, res_ptr,
+                       Cin, C1, OUT_C, H, W, Hg, Wg,
+                       sxb, sxc, sxh, sxw, syb, syc, syh, syw, ssb, ssc, ssh, ssw,
+                       sgb, sgc, sgh, sgw, srb, src, srh, srw,
+                       tiles_w, tiles_h, chan_blocks,
+                       RELU_P: tl.constexpr, RELU_C: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       SPLIT_SCALED_W: tl.constexpr, HAS_GATE: tl.constexpr,
+                       HAS_RESIDUAL: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, X_ALIGN: tl.constexpr,
+                       Y_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, CIN_ALIGN: tl.constexpr,
+                       COUT_ALIGN: tl.constexpr,
+                       PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    # (n // A) * A == n for a power of two A dividing n (computed by the launcher) tells the
+    # compiler what Triton's specialisation cannot (it only marks multiples of 16): channel masks
+    # constant over A-channel runs and pixel offsets (and their shifts by a row or column) that
+    # keep A-element alignment, so masked loads and stores along the channels stay vectors.
+    Cin = (Cin // CIN_ALIGN) * CIN_ALIGN
+    C1 = (C1 // COUT_ALIGN) * COUT_ALIGN
+    OUT_C = (OUT_C // COUT_ALIGN) * COUT_ALIGN
+    sxb, sxh, sxw = ((sxb // X_ALIGN) * X_ALIGN, (sxh // X_ALIGN) * X_ALIGN,
+                     (sxw // X_ALIGN) * X_ALIGN)
+    syb, syh, syw = ((syb // Y_ALIGN) * Y_ALIGN, (syh // Y_ALIGN) * Y_ALIGN,
+                     (syw // Y_ALIGN) * Y_ALIGN)
+    ssb, ssh, ssw = ((ssb // S_ALIGN) * S_ALIGN, (ssh // S_ALIGN) * S_ALIGN,
+                     (ssw // S_ALIGN) * S_ALIGN)
+    # Channel block fastest: neighbouring programs read the same x tile (L2 reuse).
+    pid = tl.program_id(0)
+    cb = pid % chan_blocks
+    tile = pid // chan_blocks
+    tw = tile % tiles_w
+    th = (tile // tiles_w) % tiles_h
+    b = tile // (tiles_w * tiles_h)
+    p = tl.arange(0, HALO_H * HALO_W)
+    hy = p // HALO_W
+    hx = p % HALO_W
+    rows = th * (HALO_H - 2) - 1 + hy
+    cols = tw * (HALO_W - 2) - 1 + hx
+    in_img = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
+    inner = in_img & (hy >= 1) & (hy < HALO_H - 1) & (hx >= 1) & (hx < HALO_W - 1)
+    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    chan_ok = chans < C1
+    cheap_ok = chan_ok & (C1 + chans < OUT_C)  # cheap channels that survive the slice
+    b64 = b.to(tl.int64)
+
+    b_p = tl.load(b_primary_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+    x_pix = x_ptr + b64 * sxb + rows * sxh + cols * sxw
+    x1 = _x1_tile(x_pix, w_primary_ptr, scale_ptr + b64 * Cin, b_p, in_img, chans, chan_ok, Cin,
+                  sxc, RELU_P, HAS_SCALE, SPLIT_SCALED_W, HALO_H * HALO_W, BLOCK_C, BLOCK_K,
+                  PRECISION, UPCAST_DOT)
+    s_pix = scratch_ptr + b64 * ssb + rows * ssh + cols * ssw
+    tl.store(s_pix[:, None] + chans[None, :] * ssc, x1.to(scratch_ptr.dtype.element_ty),
+             mask=in_img[:, None] & chan_ok[None, :])
+    HAS_EPILOGUE: tl.constexpr = HAS_GATE or HAS_RESIDUAL
+    gate_img = gate_ptr + b64 * sgb
+    res_img = res_ptr + b64 * srb
+    y_pix = y_ptr + b64 * syb + rows * syh + cols * syw
+    if HAS_EPILOGUE:  # y's first half is epilogue(x1); x1 itself lives in scratch
+        primary_mask = inner[:, None] & chan_ok[None, :]
+        v = _apply_epilogue(x1, rows, cols, chans, primary_mask, gate_img, sgc, sgh, sgw, Hg, Wg,
+                            res_img, src, srh, srw, H, W, HAS_GATE, HAS_RESIDUAL)
+        tl.store(y_pix[:, None] + chans[None, :] * syc, v.to(y_ptr.dtype.element_ty),
+                 mask=primary_mask)
+    tl.debug_barrier()
+
+    x2 = tl.zeros([HALO_H * HALO_W, BLOCK_C], dtype=tl.float32)
+    x2 += tl.load(b_cheap_ptr + chans, mask=cheap_ok, other=0.0).to(tl.float32)[None, :]
+    for dy in tl.static_range(3):
+        r = rows + (dy - 1)
+        row_ok = inner & (r >= 0) & (r < H)
+        for dx in tl.static_range(3):
+            c = cols + (dx - 1)
+            ok = row_ok & (c >= 0) & (c < W)
+            v = tl.load(s_pix[:, None] + ((dy - 1) * ssh + (dx - 1) * ssw) + chans[None, :] * ssc,
+                        mask=ok[:, None] & cheap_ok[None, :], other=0.0)
+            tap = tl.load(w_cheap_ptr + chans * 9 + (dy * 3 + dx), mask=cheap_ok, other=0.0)
+            x2 += v.to(tl.float32) * tap.to(tl.float32)[None, :]
+    if RELU_C:
+        x2 = tl.maximum(x2, 0.0)
+    cheap_mask = inner[:, None] & cheap_ok[None, :]
+    x2 = _apply_epilogue(x2, rows, cols, C1 + chans, cheap_mask, gate_img, sgc, sgh, sgw, Hg, Wg,
+                         res_img, src, srh, srw, H, W, HAS_GATE, HAS_RESIDUAL)
+    tl.store(y_pix[:, None] + (C1 + chans)[None, :] * syc, x2.to(y_ptr.dtype.element_ty),
+             mask=cheap_mask)
+
+
+@dataclass(frozen=True)
+class HaloLaunchConfig:
+    """Tile of the halo kernel: ``halo_h x halo_w`` pixels (product a power of two, each >= 3;
+    the output tile is 2 smaller in each dim) x ``block_c`` channels (>= 16), Cin in ``block_k``
+    chunks (>= 16)."""
+    halo_h: int
+    halo_w: int
+    block_c: int
+    block_k: int
+    num_warps: int
+
+
+def _pow2_between(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def default_config(C1: int, Cin: int, W: int, channels_last: bool) -> HaloLaunchConfig:
+    """channels_last: 8 x 16 pixel tiles (6 x 14 outputs: 1.52x x1 work for the halo) x 32
+    channels (C1 = 60 in two blocks: x read twice, from L2), 8 warps: 174 registers, no spills,
+    16-byte cp.async loads of x (sm_90, triton 3.8, fp16 B32 40->120 @80). NCHW: 16 x 16 tiles
+    x 16 channels, 8 warps (180 registers, no spills; loads along a tile row are scalar because
+    halo tiles start one column before an aligned one). Images at most 6 columns wide get tiles 8
+    columns wide (fewer halo columns wasted). Not yet timed on a GPU: bench/sweep_triton.py times
+    the alternatives."""
+    narrow = W <= 6
+    if channels_last:
+        halo_h, halo_w, block_c = (16, 8, 32) if narrow else (8, 16, 32)
+    else:
+        halo_h, halo_w, block_c = (32, 8, 16) if narrow else (16, 16, 16)
+    return HaloLaunchConfig(halo_h=halo_h, halo_w=halo_w,
+                            block_c=_pow2_between(C1, 16, block_c),
+                            block_k=16, num_warps=8)
+
+
+def pixel_alignment(t) -> int:
+    """The largest power of two up to 16 dividing every pixel's element offset in ``t`` (its batch,
+    row and column strides): channels_last pixel strides such as 40 or 120 channels are multiples
+    of 8, which is what 16-byte fp16 vectors along the channels need."""
+    return math.gcd(16, *t.stride()[:1], *t.stride()[2:])
+
+
+def launch(x, w_primary, b_primary, w_cheap, b_cheap, y, relu_primary: bool, relu_cheap: bool,
+           out_channels: int, input_scale, gate, residual, cfg: HaloLaunchConfig):
+    """Fill y (allocated by the caller in x's memory format) with the Ghost op."""
+    B, Cin, H, W = x.shape
+    C1 = w_primary.shape[0]
+    scratch = y
+    if gate is not None or residual is not None:
+        fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        scratch = torch.empty((B, C1, H, W), dtype=y.dtype, device=y.device, memory_format=fmt)
+    tiles_h = triton.cdiv(H, cfg.halo_h - 2)
+    tiles_w = triton.cdiv(W, cfg.halo_w - 2)
+    chan_blocks = triton.cdiv(C1, cfg.block_c)
+    Hg, Wg = gate.shape[-2:] if gate is not None else (1, 1)
+    grid = (B * tiles_h * tiles_w * chan_blocks,)
+    _ghost_halo_kernel[grid](
+        x, w_primary, b_primary, w_cheap, b_cheap, y, scratch,
+        y if input_scale is None else input_scale,  # absent extras: unused placeholders
+        y if gate is None else gate, y if residual is None else residual,
+        Cin, C1, out_channels, H, W, Hg, Wg,
+        *x.stride(), *y.stride(), *scratch.stride(),
+        *(gate.stride() if gate is not None else (0,) * 4),
+        *(residual.stride() if residual is not None else (0,) * 4), tiles_w, tiles_h, chan_blocks,
+        RELU_P=bool(relu_primary), RELU_C=bool(relu_cheap), HAS_SCALE=input_scale is not None,
+        SPLIT_SCALED_W=input_scale is not None and x.dtype != torch.float32,
+        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, HALO_H=cfg.halo_h,
+        HALO_W=cfg.halo_w, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
+        X_ALIGN=pixel_alignment(x), Y_ALIGN=pixel_alignment(y),
+        S_ALIGN=pixel_alignment(scratch), CIN_ALIGN=math.gcd(16, Cin),
+        COUT_ALIGN=math.gcd(16, C1, out_channels),
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=cfg.num_warps)
+    return y
