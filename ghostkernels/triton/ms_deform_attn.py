@@ -8,7 +8,10 @@ Mapping (both kernels): one program per (image n, block of BLOCK_Q queries, head
 so consecutive programs share one image's value rows in L2. A program holds a
 ``[BLOCK_Q, BLOCK_D]`` tile (queries x channels of the head), loops over the levels (runtime L,
 level shapes read from the int64 tensors on the device: no host sync) and the points (P is a
-constexpr, unrolled). Per (query, point) the location, floor, fractions, corner weights and
+constexpr, unrolled). The forward unrolls the levels too (L constexpr: at most 5 variants), so
+the loads of every level's shape, locations and corners can be in flight together; with a
+runtime level loop, a batch-1 launch (a few programs per SM) waited for one level's dependent
+loads (shape, then location, then corners) before starting the next. Per (query, point) the location, floor, fractions, corner weights and
 in-bounds masks are computed once as ``[BLOCK_Q]`` vectors; the four corners are gathered as
 ``[BLOCK_Q, BLOCK_D]`` tiles with masks; everything accumulates in float32.
 
@@ -162,7 +165,7 @@ def _value_offsets(row, m, M, D, d):
 @triton.jit
 def _ms_deform_attn_fwd_kernel(
         value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
-        S, M, D, Lq, L, num_q_blocks, num_d_blocks,
+        S, M, D, Lq, num_q_blocks, num_d_blocks, L: tl.constexpr,
         P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, SOFTMAX: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     d_block = pid % num_d_blocks
@@ -181,7 +184,7 @@ def _ms_deform_attn_fwd_kernel(
     if SOFTMAX:
         row_max, inv_sum = _softmax_stats(attn_ptr, query_head, q_mask, L, P, BLOCK_Q)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
-    for lvl in range(L):
+    for lvl in tl.static_range(L):
         H = tl.load(shapes_ptr + 2 * lvl)
         W = tl.load(shapes_ptr + 2 * lvl + 1)
         row_base = n * S + tl.load(starts_ptr + lvl)
@@ -319,7 +322,7 @@ def _launch_forward(value, spatial_shapes, level_start_index, sampling_locations
     grid = (N * num_q_blocks * M * num_d_blocks,)
     _ms_deform_attn_fwd_kernel[grid](
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
-        S, M, D, Lq, L, num_q_blocks, num_d_blocks,
+        S, M, D, Lq, num_q_blocks, num_d_blocks, L=L,
         P=P, BLOCK_Q=config.block_q, BLOCK_D=config.block_d, SOFTMAX=softmax,
         num_warps=config.num_warps)
     return out
