@@ -188,6 +188,14 @@ def test_depthwise_kernel_does_not_spill_at_ghostnet_shapes(tmp_path):
     results = _compile_with_resources(launches, tmp_path)
     assert not [r for r in results if r["stack_bytes"] > MAX_STACK_BYTES], results
     assert max(r["registers"] for r in results) <= 128, results
+    # channels_last (the channel stride specialised to 1): every tap's load is a vector along the
+    # channels, also for channel counts that are not multiples of 16 (72, 120, 672: the launcher's
+    # alignment constexprs); at least 9 of them (3x3) per kernel
+    channels_last = [r for r in results if r["signature"]["sxc"] == "constexpr"]
+    assert channels_last, results
+    for r in channels_last:
+        vectors = sum(n for shape, n in r["global_loads"].items() if not shape.startswith("1x"))
+        assert vectors >= 9, r["global_loads"]
 
 
 def test_ghost_halo_kernel_does_not_spill_at_ghostnet_shapes(tmp_path):

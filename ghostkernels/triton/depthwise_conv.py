@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ghostkernels.triton.alignment import common_alignment, pixel_alignment
+
 
 @triton.jit
 def _depthwise_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, Ho, Wo,
@@ -20,7 +22,15 @@ def _depthwise_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, Ho, Wo,
                       tiles_w, tiles_h, chan_blocks,
                       KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
                       RELU: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
+                      BLOCK_C: tl.constexpr, C_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
+                      Y_ALIGN: tl.constexpr):
+    # (n // A) * A == n (A from the launcher): vector loads and stores along the channels with
+    # channel counts and pixel strides that are not multiples of 16 (ghostkernels.triton.alignment)
+    C = (C // C_ALIGN) * C_ALIGN
+    sxb, sxh, sxw = ((sxb // X_ALIGN) * X_ALIGN, (sxh // X_ALIGN) * X_ALIGN,
+                     (sxw // X_ALIGN) * X_ALIGN)
+    syb, syh, syw = ((syb // Y_ALIGN) * Y_ALIGN, (syh // Y_ALIGN) * Y_ALIGN,
+                     (syw // Y_ALIGN) * Y_ALIGN)
     pid = tl.program_id(0)
     cb = pid % chan_blocks
     tile = pid // chan_blocks
@@ -95,5 +105,6 @@ def forward(x, weight, bias, kh: int, kw: int, stride: int, relu: bool, out=None
     _depthwise_kernel[grid](
         x, weight, bias, y, C, H, W, Ho, Wo, *x.stride(), *y.stride(), tiles_w, tiles_h,
         chan_blocks, KH=kh, KW=kw, STRIDE=stride, RELU=bool(relu), TILE_H=tile_h, TILE_W=tile_w,
-        BLOCK_C=block_c, num_warps=num_warps)
+        BLOCK_C=block_c, C_ALIGN=common_alignment(C), X_ALIGN=pixel_alignment(x),
+        Y_ALIGN=pixel_alignment(y), num_warps=num_warps)
     return y

@@ -25,12 +25,13 @@ With a gate or residual epilogue y's first half is not x1 itself, so x1 goes to 
 result to y. Input scale, fp32 IEEE dots and the bf16 interpreter upcast work as in the row kernel
 (``ghostkernels.triton.ghost_conv``, whose docstring explains them).
 """
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ghostkernels.triton.alignment import common_alignment, pixel_alignment
 
 
 @triton.jit
@@ -98,10 +99,8 @@ def _ghost_halo_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap
                        Y_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, CIN_ALIGN: tl.constexpr,
                        COUT_ALIGN: tl.constexpr,
                        PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    # (n // A) * A == n for a power of two A dividing n (computed by the launcher) tells the
-    # compiler what Triton's specialisation cannot (it only marks multiples of 16): channel masks
-    # constant over A-channel runs and pixel offsets (and their shifts by a row or column) that
-    # keep A-element alignment, so masked loads and stores along the channels stay vectors.
+    # (n // A) * A == n (A from the launcher): vector loads and stores along the channels with
+    # channel counts and pixel strides that are not multiples of 16 (ghostkernels.triton.alignment)
     Cin = (Cin // CIN_ALIGN) * CIN_ALIGN
     C1 = (C1 // COUT_ALIGN) * COUT_ALIGN
     OUT_C = (OUT_C // COUT_ALIGN) * COUT_ALIGN
@@ -205,13 +204,6 @@ def default_config(C1: int, Cin: int, W: int, channels_last: bool) -> HaloLaunch
                             block_k=16, num_warps=8)
 
 
-def pixel_alignment(t) -> int:
-    """The largest power of two up to 16 dividing every pixel's element offset in ``t`` (its batch,
-    row and column strides): channels_last pixel strides such as 40 or 120 channels are multiples
-    of 8, which is what 16-byte fp16 vectors along the channels need."""
-    return math.gcd(16, *t.stride()[:1], *t.stride()[2:])
-
-
 def launch(x, w_primary, b_primary, w_cheap, b_cheap, y, relu_primary: bool, relu_cheap: bool,
            out_channels: int, input_scale, gate, residual, cfg: HaloLaunchConfig):
     """Fill y (allocated by the caller in x's memory format) with the Ghost op."""
@@ -239,8 +231,8 @@ def launch(x, w_primary, b_primary, w_cheap, b_cheap, y, relu_primary: bool, rel
         HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, HALO_H=cfg.halo_h,
         HALO_W=cfg.halo_w, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
         X_ALIGN=pixel_alignment(x), Y_ALIGN=pixel_alignment(y),
-        S_ALIGN=pixel_alignment(scratch), CIN_ALIGN=math.gcd(16, Cin),
-        COUT_ALIGN=math.gcd(16, C1, out_channels),
+        S_ALIGN=pixel_alignment(scratch), CIN_ALIGN=common_alignment(Cin),
+        COUT_ALIGN=common_alignment(C1, out_channels),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=cfg.num_warps)
     return y
