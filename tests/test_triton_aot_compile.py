@@ -198,6 +198,32 @@ def test_depthwise_kernel_does_not_spill_at_ghostnet_shapes(tmp_path):
         assert vectors >= 9, r["global_loads"]
 
 
+# GhostNetV3-1.0's DFC gates at 640x640 (ghost1 input channels, gate channels, input size)
+GHOSTNET_DFC = ((24, 72, 160), (40, 120, 80), (80, 240, 40), (112, 672, 20))
+
+
+def test_dfc_kernels_load_vectors_in_channels_last_at_ghostnet_shapes(tmp_path):
+    """A static check (not a timing), fp16 channels_last: the pooling reads x and the stencil
+    reads the projected map as vectors along the channels (2-byte and 4-byte scalar loads before
+    the alignment constexprs: 76 per pool-project kernel, 100 per stencil kernel), no spills."""
+    from ghostkernels.triton import dfc_gate
+    with record_launches() as launches:
+        for cin, C, size in GHOSTNET_DFC:
+            x = torch.empty(32, cin, size, size, dtype=torch.float16).contiguous(
+                memory_format=torch.channels_last)
+            params = [torch.empty(*shape).half() for shape in ((C, cin), (C,), (C, 5), (C,),
+                                                               (C, 5), (C,))]
+            dfc_gate.forward(x, *params)
+    results = _compile_with_resources(launches, tmp_path)
+    assert not [r for r in results if r["stack_bytes"] > MAX_STACK_BYTES], results
+    for r in results:
+        loads = r["global_loads"]
+        if r["kernel"] == "_pool_project_kernel":
+            assert loads.get("1x16", 0) < 16, loads
+        else:  # 25 taps of the 1x5 / 5x1 stencil, one vector each
+            assert sum(n for shape, n in loads.items() if not shape.startswith("1x")) >= 25, loads
+
+
 def test_ghost_halo_kernel_does_not_spill_at_ghostnet_shapes(tmp_path):
     """A static resource check (not a timing) of the default Ghost launches at the standard Ghost
     shapes (bench/bench_ghost.py), fp16, both formats, plain and with the bottleneck epilogues."""

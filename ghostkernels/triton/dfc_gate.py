@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ghostkernels.triton.alignment import common_alignment, pixel_alignment
+
 
 @triton.jit
 def _tile(pix_blocks, chan_blocks, NP, Wp, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -38,7 +40,16 @@ def _tile(pix_blocks, chan_blocks, NP, Wp, C, BLOCK_P: tl.constexpr, BLOCK_C: tl
 @triton.jit
 def _pool_project_kernel(x_ptr, w_ptr, b_ptr, p_ptr, Cin, C, Wp, NP,
                          sxb, sxc, sxh, sxw, spb, spc, sph, spw, pix_blocks, chan_blocks,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                         CIN_ALIGN: tl.constexpr, C_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
+                         P_ALIGN: tl.constexpr):
+    # (n // A) * A == n (A from the launcher): vector loads and stores along the channels with
+    # channel counts and pixel strides that are not multiples of 16 (ghostkernels.triton.alignment)
+    Cin, C = (Cin // CIN_ALIGN) * CIN_ALIGN, (C // C_ALIGN) * C_ALIGN
+    sxb, sxh, sxw = ((sxb // X_ALIGN) * X_ALIGN, (sxh // X_ALIGN) * X_ALIGN,
+                     (sxw // X_ALIGN) * X_ALIGN)
+    spb, sph, spw = ((spb // P_ALIGN) * P_ALIGN, (sph // P_ALIGN) * P_ALIGN,
+                     (spw // P_ALIGN) * P_ALIGN)
     b, ph, pw, pix_ok, chans, chan_ok = _tile(pix_blocks, chan_blocks, NP, Wp, C, BLOCK_P,
                                               BLOCK_C)
 
@@ -64,7 +75,13 @@ def _pool_project_kernel(x_ptr, w_ptr, b_ptr, p_ptr, Cin, C, Wp, NP,
 @triton.jit
 def _stencil_sigmoid_kernel(p_ptr, wh_ptr, bh_ptr, wv_ptr, bv_ptr, g_ptr, C, Hp, Wp, NP,
                             spb, spc, sph, spw, sgb, sgc, sgh, sgw, pix_blocks, chan_blocks,
-                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr):
+                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr,
+                            C_ALIGN: tl.constexpr, P_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr):
+    C = (C // C_ALIGN) * C_ALIGN  # alignment facts, as in _pool_project_kernel
+    spb, sph, spw = ((spb // P_ALIGN) * P_ALIGN, (sph // P_ALIGN) * P_ALIGN,
+                     (spw // P_ALIGN) * P_ALIGN)
+    sgb, sgh, sgw = ((sgb // G_ALIGN) * G_ALIGN, (sgh // G_ALIGN) * G_ALIGN,
+                     (sgw // G_ALIGN) * G_ALIGN)
     b, ph, pw, pix_ok, chans, chan_ok = _tile(pix_blocks, chan_blocks, NP, Wp, C, BLOCK_P,
                                               BLOCK_C)
 
@@ -120,7 +137,9 @@ def forward(x, w_proj, b_proj, w_h, b_h, w_v, b_v, out=None):
     pix_blocks, chan_blocks = triton.cdiv(NP, block_p), triton.cdiv(C, block_c)
     _pool_project_kernel[(B * pix_blocks * chan_blocks,)](
         x, w_proj, b_proj, projected, Cin, C, Wp, NP, *x.stride(), *projected.stride(),
-        pix_blocks, chan_blocks, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4)
+        pix_blocks, chan_blocks, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
+        CIN_ALIGN=common_alignment(Cin), C_ALIGN=common_alignment(C), X_ALIGN=pixel_alignment(x),
+        P_ALIGN=pixel_alignment(projected), num_warps=4)
     # Stencil: at most 512 tile elements (4 per thread): compiled for sm_90, 1024-element tiles
     # use 255 registers and spill (the 25 loads are hoisted). Wide along whichever dim is
     # contiguous.
@@ -130,5 +149,6 @@ def forward(x, w_proj, b_proj, w_h, b_h, w_v, b_v, out=None):
     _stencil_sigmoid_kernel[(B * pix_blocks * chan_blocks,)](
         projected, w_h, b_h, w_v, b_v, gate, C, Hp, Wp, NP, *projected.stride(), *gate.stride(),
         pix_blocks, chan_blocks, BLOCK_P=stencil_p, BLOCK_C=stencil_c, TAPS=w_h.shape[1],
-        num_warps=4)
+        C_ALIGN=common_alignment(C), P_ALIGN=pixel_alignment(projected),
+        G_ALIGN=pixel_alignment(gate), num_warps=4)
     return gate
