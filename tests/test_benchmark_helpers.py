@@ -20,3 +20,30 @@ def test_write_outputs_writes_markdown_and_json(tmp_path, capsys):
     assert "| g | case | impl | 2.0000 | 1.0000 | 2.0x | base 1.50x | n |" in \
         (tmp_path / "t.md").read_text()
     assert json.loads((tmp_path / "t.json").read_text())["rows"][0]["ms"] == 2.0
+
+
+def test_op_traffic_counts_each_tensor_once_and_skips_views():
+    from bench.backbone_floors import op_traffic
+    a, b = torch.ones(2, 3), torch.ones(2, 3, dtype=torch.float16)
+
+    def fn():
+        y = torch.cat([a, a.view(3, 2).view(2, 3)], dim=0)  # 24 + 24 read, 48 written
+        torch.relu(b)  # 12 read, 12 written
+        return a + a  # the same tensor twice: read once (24), 24 written
+
+    assert op_traffic(fn) == [("cat", 96), ("relu", 24), ("add", 48)]
+
+
+def test_backbone_floors_fused_moves_fewer_bytes_than_folded_eager():
+    """On fake tensors (no compute): the fused GhostNetV3 runs fewer ops and moves at most half
+    the bytes of the folded eager model at a detector-like size, and the ghostkernels ops appear
+    as single operators."""
+    from bench.backbone_floors import backbones, model_traffic
+    models = backbones(0.5)
+    eager = model_traffic(models["ghostnetv3 folded eager"], 2, 128, torch.float16, True)
+    fused = model_traffic(models["ghostnetv3 folded fused"], 2, 128, torch.float16, True)
+    assert len(fused) < len(eager) / 2
+    assert sum(b for _, b in fused) < sum(b for _, b in eager) / 2
+    names = {name for name, _ in fused}
+    assert {"ghostkernels::ghost_conv", "ghostkernels::dfc_gate"} <= names
+    assert "cat" not in names and "upsample_nearest2d" not in names
