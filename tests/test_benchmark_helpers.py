@@ -27,7 +27,7 @@ def test_op_traffic_counts_each_tensor_once_and_skips_views():
     a, b = torch.ones(2, 3), torch.ones(2, 3, dtype=torch.float16)
 
     def fn():
-        y = torch.cat([a, a.view(3, 2).view(2, 3)], dim=0)  # 24 + 24 read, 48 written
+        torch.cat([a, a.view(3, 2).view(2, 3)], dim=0)  # 24 + 24 read, 48 written
         torch.relu(b)  # 12 read, 12 written
         return a + a  # the same tensor twice: read once (24), 24 written
 
