@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from bench.bench_backbone import Features, timm_baselines
 from ghostkernels.benchmark import VIEW_OPS
 from rtdetr.models.backbone.ghostnetv3 import GhostNetV3
 
@@ -75,25 +76,12 @@ def model_traffic(model: torch.nn.Module, batch: int, size: int, dtype: torch.dt
 
 
 def backbones(width: float) -> dict[str, torch.nn.Module]:
+    """GhostNetV3 folded eager and folded fused, and the timm baselines of bench_backbone."""
     train = GhostNetV3(width=width).eval()
     models = {"ghostnetv3 folded eager": copy.deepcopy(train).reparameterize(use_fused_ops=False),
               "ghostnetv3 folded fused": copy.deepcopy(train).reparameterize(use_fused_ops=True)}
-    try:
-        import timm
-    except ImportError:
-        return models
-    resnet = timm.create_model("resnet18d", pretrained=False, num_classes=0, global_pool="")
-    models["timm resnet18d (forward_features)"] = _Features(resnet.eval())
+    models.update({name: Features(m) for name, m in timm_baselines().items()})
     return models
-
-
-class _Features(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.forward_features(x)
 
 
 def summary(records, bandwidth_tbs: float, top: int) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ghostkernels.triton.alignment import common_alignment, pixel_alignment
+from ghostkernels.triton.alignment import aligned, common_alignment, pixel_alignment
 
 
 @triton.jit
@@ -24,13 +24,11 @@ def _depthwise_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, Ho, Wo,
                       RELU: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                       BLOCK_C: tl.constexpr, C_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
                       Y_ALIGN: tl.constexpr):
-    # (n // A) * A == n (A from the launcher): vector loads and stores along the channels with
-    # channel counts and pixel strides that are not multiples of 16 (ghostkernels.triton.alignment)
-    C = (C // C_ALIGN) * C_ALIGN
-    sxb, sxh, sxw = ((sxb // X_ALIGN) * X_ALIGN, (sxh // X_ALIGN) * X_ALIGN,
-                     (sxw // X_ALIGN) * X_ALIGN)
-    syb, syh, syw = ((syb // Y_ALIGN) * Y_ALIGN, (syh // Y_ALIGN) * Y_ALIGN,
-                     (syw // Y_ALIGN) * Y_ALIGN)
+    # vector loads and stores along the channels with channel counts and pixel strides that are
+    # not multiples of 16 (ghostkernels.triton.alignment)
+    C = aligned(C, C_ALIGN)
+    sxb, sxh, sxw = aligned(sxb, X_ALIGN), aligned(sxh, X_ALIGN), aligned(sxw, X_ALIGN)
+    syb, syh, syw = aligned(syb, Y_ALIGN), aligned(syh, Y_ALIGN), aligned(syw, Y_ALIGN)
     pid = tl.program_id(0)
     cb = pid % chan_blocks
     tile = pid // chan_blocks

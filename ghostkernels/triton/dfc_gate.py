@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ghostkernels.triton.alignment import common_alignment, pixel_alignment
+from ghostkernels.triton.alignment import aligned, common_alignment, pixel_alignment
 
 
 @triton.jit
@@ -43,13 +43,11 @@ def _pool_project_kernel(x_ptr, w_ptr, b_ptr, p_ptr, Cin, C, Wp, NP,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                          CIN_ALIGN: tl.constexpr, C_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
                          P_ALIGN: tl.constexpr):
-    # (n // A) * A == n (A from the launcher): vector loads and stores along the channels with
-    # channel counts and pixel strides that are not multiples of 16 (ghostkernels.triton.alignment)
-    Cin, C = (Cin // CIN_ALIGN) * CIN_ALIGN, (C // C_ALIGN) * C_ALIGN
-    sxb, sxh, sxw = ((sxb // X_ALIGN) * X_ALIGN, (sxh // X_ALIGN) * X_ALIGN,
-                     (sxw // X_ALIGN) * X_ALIGN)
-    spb, sph, spw = ((spb // P_ALIGN) * P_ALIGN, (sph // P_ALIGN) * P_ALIGN,
-                     (spw // P_ALIGN) * P_ALIGN)
+    # vector loads and stores along the channels with channel counts and pixel strides that are
+    # not multiples of 16 (ghostkernels.triton.alignment)
+    Cin, C = aligned(Cin, CIN_ALIGN), aligned(C, C_ALIGN)
+    sxb, sxh, sxw = aligned(sxb, X_ALIGN), aligned(sxh, X_ALIGN), aligned(sxw, X_ALIGN)
+    spb, sph, spw = aligned(spb, P_ALIGN), aligned(sph, P_ALIGN), aligned(spw, P_ALIGN)
     b, ph, pw, pix_ok, chans, chan_ok = _tile(pix_blocks, chan_blocks, NP, Wp, C, BLOCK_P,
                                               BLOCK_C)
 
@@ -77,11 +75,9 @@ def _stencil_sigmoid_kernel(p_ptr, wh_ptr, bh_ptr, wv_ptr, bv_ptr, g_ptr, C, Hp,
                             spb, spc, sph, spw, sgb, sgc, sgh, sgw, pix_blocks, chan_blocks,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr,
                             C_ALIGN: tl.constexpr, P_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr):
-    C = (C // C_ALIGN) * C_ALIGN  # alignment facts, as in _pool_project_kernel
-    spb, sph, spw = ((spb // P_ALIGN) * P_ALIGN, (sph // P_ALIGN) * P_ALIGN,
-                     (spw // P_ALIGN) * P_ALIGN)
-    sgb, sgh, sgw = ((sgb // G_ALIGN) * G_ALIGN, (sgh // G_ALIGN) * G_ALIGN,
-                     (sgw // G_ALIGN) * G_ALIGN)
+    C = aligned(C, C_ALIGN)  # alignment facts, as in _pool_project_kernel
+    spb, sph, spw = aligned(spb, P_ALIGN), aligned(sph, P_ALIGN), aligned(spw, P_ALIGN)
+    sgb, sgh, sgw = aligned(sgb, G_ALIGN), aligned(sgh, G_ALIGN), aligned(sgw, G_ALIGN)
     b, ph, pw, pix_ok, chans, chan_ok = _tile(pix_blocks, chan_blocks, NP, Wp, C, BLOCK_P,
                                               BLOCK_C)
 

@@ -1,5 +1,9 @@
-"""Triton kernel of the folded Ghost op: ``y = cat(x1, x2)[:, :out_channels]`` in one pass, with
+"""Triton kernels of the folded Ghost op: ``y = cat(x1, x2)[:, :out_channels]`` in one pass, with
 the optional input scale, gate and residual of ``ghostkernels.ops.ghost_conv`` fused in.
+
+``forward`` (the backend entry point) launches the halo-tile kernel of ``ghost_conv_halo`` by
+default; this module's row kernel, described below, runs when a ``GhostLaunchConfig`` is passed
+(it was the default until the halo kernel; kept as a measured alternative for the sweeps).
 
 One program owns a strip of ``BLOCK_H`` image rows x ``BLOCK_W`` columns x ``BLOCK_C`` primary
 channels of one image. It walks down the strip keeping a rolling window of three rows of x1 in
@@ -39,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ghostkernels.triton import ghost_conv_halo as halo
+from ghostkernels.triton.ghost_conv_halo import weight_chunk
 
 BLOCK_H = 8
 
@@ -62,20 +67,13 @@ def _x1_row_three_shifts(x_row_ptr, w_ptr, bias, scale_ptr, r, cols, chans, chan
     for k0 in range(0, Cin, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < Cin
-        w = tl.load(w_ptr + chans[None, :] * Cin + ks[:, None],
-                    mask=k_ok[:, None] & chan_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_C]
-        if HAS_SCALE:  # (x * s) . w == x . (s * w)
-            s = tl.load(scale_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            w_scaled = w.to(tl.float32) * s[:, None]
-            w = w_scaled.to(w.dtype)
-            if SPLIT_SCALED_W:
-                w_rest = (w_scaled - w.to(tl.float32)).to(w.dtype)
+        w, w_rest = weight_chunk(w_ptr, scale_ptr, chans, chan_ok, ks, k_ok, Cin, HAS_SCALE,
+                                 SPLIT_SCALED_W, UPCAST_DOT)
         at_k = pix + ks[None, :] * sxc
         x_l = tl.load(at_k - sxw, mask=ok_l[:, None] & k_ok[None, :], other=0.0)
         x_m = tl.load(at_k, mask=ok_m[:, None] & k_ok[None, :], other=0.0)
         x_r = tl.load(at_k + sxw, mask=ok_r[:, None] & k_ok[None, :], other=0.0)
         if UPCAST_DOT:  # exact: products of two bf16 values fit in fp32
-            w = w.to(tl.float32)
             x_l = x_l.to(tl.float32)
             x_m = x_m.to(tl.float32)
             x_r = x_r.to(tl.float32)
@@ -83,8 +81,6 @@ def _x1_row_three_shifts(x_row_ptr, w_ptr, bias, scale_ptr, r, cols, chans, chan
         acc_m = tl.dot(x_m, w, acc_m, input_precision=PRECISION)
         acc_r = tl.dot(x_r, w, acc_r, input_precision=PRECISION)
         if SPLIT_SCALED_W:
-            if UPCAST_DOT:
-                w_rest = w_rest.to(tl.float32)
             acc_l = tl.dot(x_l, w_rest, acc_l, input_precision=PRECISION)
             acc_m = tl.dot(x_m, w_rest, acc_m, input_precision=PRECISION)
             acc_r = tl.dot(x_r, w_rest, acc_r, input_precision=PRECISION)

@@ -31,7 +31,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ghostkernels.triton.alignment import common_alignment, pixel_alignment
+from ghostkernels.triton.alignment import aligned, common_alignment, pixel_alignment
+
+
+@triton.jit
+def weight_chunk(w_ptr, scale_ptr, chans, chan_ok, ks, k_ok, Cin, HAS_SCALE: tl.constexpr,
+                 SPLIT_SCALED_W: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Rows ``ks`` of the transposed 1x1 weight, ``[BLOCK_K, BLOCK_C]``, times the input scale
+    (``W1 diag(s_b)``: x . (s w) == (x s) . w); with SPLIT_SCALED_W also the remainder of its
+    rounding to the input type (second of the returned pair; otherwise the pair repeats w)."""
+    w = tl.load(w_ptr + chans[None, :] * Cin + ks[:, None],
+                mask=k_ok[:, None] & chan_ok[None, :], other=0.0)
+    w_rest = w
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        w_scaled = w.to(tl.float32) * s[:, None]
+        w = w_scaled.to(w.dtype)
+        if SPLIT_SCALED_W:
+            w_rest = (w_scaled - w.to(tl.float32)).to(w.dtype)
+    if UPCAST_DOT:  # exact: products of two bf16 values fit in fp32
+        w = w.to(tl.float32)
+        w_rest = w_rest.to(tl.float32)
+    return w, w_rest
 
 
 @triton.jit
@@ -45,23 +66,14 @@ def _x1_tile(x_pix, w_ptr, scale_ptr, b_p, in_img, chans, chan_ok, Cin, sxc,
     for k0 in range(0, Cin, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < Cin
-        w = tl.load(w_ptr + chans[None, :] * Cin + ks[:, None],
-                    mask=k_ok[:, None] & chan_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_C]
-        if HAS_SCALE:  # (x * s) . w == x . (s * w)
-            s = tl.load(scale_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            w_scaled = w.to(tl.float32) * s[:, None]
-            w = w_scaled.to(w.dtype)
-            if SPLIT_SCALED_W:
-                w_rest = (w_scaled - w.to(tl.float32)).to(w.dtype)
+        w, w_rest = weight_chunk(w_ptr, scale_ptr, chans, chan_ok, ks, k_ok, Cin, HAS_SCALE,
+                                 SPLIT_SCALED_W, UPCAST_DOT)
         xv = tl.load(x_pix[:, None] + ks[None, :] * sxc, mask=in_img[:, None] & k_ok[None, :],
                      other=0.0)
-        if UPCAST_DOT:  # exact: products of two bf16 values fit in fp32
-            w = w.to(tl.float32)
+        if UPCAST_DOT:
             xv = xv.to(tl.float32)
         acc = tl.dot(xv, w, acc, input_precision=PRECISION)
         if SPLIT_SCALED_W:
-            if UPCAST_DOT:
-                w_rest = w_rest.to(tl.float32)
             acc = tl.dot(xv, w_rest, acc, input_precision=PRECISION)
     acc += b_p[None, :]
     if RELU:
@@ -99,17 +111,12 @@ def _ghost_halo_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap
                        Y_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, CIN_ALIGN: tl.constexpr,
                        COUT_ALIGN: tl.constexpr,
                        PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    # (n // A) * A == n (A from the launcher): vector loads and stores along the channels with
-    # channel counts and pixel strides that are not multiples of 16 (ghostkernels.triton.alignment)
-    Cin = (Cin // CIN_ALIGN) * CIN_ALIGN
-    C1 = (C1 // COUT_ALIGN) * COUT_ALIGN
-    OUT_C = (OUT_C // COUT_ALIGN) * COUT_ALIGN
-    sxb, sxh, sxw = ((sxb // X_ALIGN) * X_ALIGN, (sxh // X_ALIGN) * X_ALIGN,
-                     (sxw // X_ALIGN) * X_ALIGN)
-    syb, syh, syw = ((syb // Y_ALIGN) * Y_ALIGN, (syh // Y_ALIGN) * Y_ALIGN,
-                     (syw // Y_ALIGN) * Y_ALIGN)
-    ssb, ssh, ssw = ((ssb // S_ALIGN) * S_ALIGN, (ssh // S_ALIGN) * S_ALIGN,
-                     (ssw // S_ALIGN) * S_ALIGN)
+    # vector loads and stores along the channels with channel counts and pixel strides that are
+    # not multiples of 16 (ghostkernels.triton.alignment)
+    Cin, C1, OUT_C = aligned(Cin, CIN_ALIGN), aligned(C1, COUT_ALIGN), aligned(OUT_C, COUT_ALIGN)
+    sxb, sxh, sxw = aligned(sxb, X_ALIGN), aligned(sxh, X_ALIGN), aligned(sxw, X_ALIGN)
+    syb, syh, syw = aligned(syb, Y_ALIGN), aligned(syh, Y_ALIGN), aligned(syw, Y_ALIGN)
+    ssb, ssh, ssw = aligned(ssb, S_ALIGN), aligned(ssh, S_ALIGN), aligned(ssw, S_ALIGN)
     # Channel block fastest: neighbouring programs read the same x tile (L2 reuse).
     pid = tl.program_id(0)
     cb = pid % chan_blocks
