@@ -17,8 +17,13 @@ depthwise 3x3 needs. Tiles step by the interior size, so neighbouring tiles' hal
    result goes to channels ``[C1, out_channels)`` for the interior pixels.
 
 x1 thus makes one trip to memory, the one it has to make (it is half of y), and is read back from
-cache rather than recomputed; nothing is concatenated. For fp16/bf16 the depthwise reads x1 as
-stored (rounded to the output type), which is what the unfused ``cat(x1, dwconv(x1))`` computes.
+cache rather than recomputed; nothing is concatenated. For fp16/bf16 the stored x1 is rounded, and
+a depthwise conv of the rounded x1 (what the unfused ``cat(x1, dwconv(x1))`` computes) breaks the
+op's one-rounding contract: bf16 errors grew ~20 % and a bf16 gradient test failed. So half
+types also store the rounding error, ``x1 - round(x1)``, in the same dtype to a ``lo`` tensor,
+and the taps read both halves (~16 significant bits, far below the output's rounding): the
+errors equal the fp32-x1 row kernel's. Cost: one extra write the size of x1 (a third more bytes
+than the floor at the target shape), read back from cache like the rest.
 
 With a gate or residual epilogue y's first half is not x1 itself, so x1 goes to a separate
 ``scratch`` tensor (one extra write of x1; the reads come from cache as before) and the epilogue
@@ -99,16 +104,18 @@ def _apply_epilogue(v, rows, cols, out_chans, mask, gate_img, sgc, sgh, sgw, Hg,
 
 @triton.jit
 def _ghost_halo_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap_ptr, y_ptr,
-                       scratch_ptr, scale_ptr, gate_ptr, res_ptr,
+                       scratch_ptr, lo_ptr, scale_ptr, gate_ptr, res_ptr,
                        Cin, C1, OUT_C, H, W, Hg, Wg,
                        sxb, sxc, sxh, sxw, syb, syc, syh, syw, ssb, ssc, ssh, ssw,
+                       slb, slc, slh, slw,
                        sgb, sgc, sgh, sgw, srb, src, srh, srw,
                        tiles_w, tiles_h, chan_blocks,
                        RELU_P: tl.constexpr, RELU_C: tl.constexpr, HAS_SCALE: tl.constexpr,
                        SPLIT_SCALED_W: tl.constexpr, HAS_GATE: tl.constexpr,
                        HAS_RESIDUAL: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, X_ALIGN: tl.constexpr,
-                       Y_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, CIN_ALIGN: tl.constexpr,
+                       Y_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, L_ALIGN: tl.constexpr,
+                       SPLIT_X1: tl.constexpr, CIN_ALIGN: tl.constexpr,
                        COUT_ALIGN: tl.constexpr,
                        PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     # vector loads and stores along the channels with channel counts and pixel strides that are
@@ -117,6 +124,7 @@ def _ghost_halo_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap
     sxb, sxh, sxw = aligned(sxb, X_ALIGN), aligned(sxh, X_ALIGN), aligned(sxw, X_ALIGN)
     syb, syh, syw = aligned(syb, Y_ALIGN), aligned(syh, Y_ALIGN), aligned(syw, Y_ALIGN)
     ssb, ssh, ssw = aligned(ssb, S_ALIGN), aligned(ssh, S_ALIGN), aligned(ssw, S_ALIGN)
+    slb, slh, slw = aligned(slb, L_ALIGN), aligned(slh, L_ALIGN), aligned(slw, L_ALIGN)
     # Channel block fastest: neighbouring programs read the same x tile (L2 reuse).
     pid = tl.program_id(0)
     cb = pid % chan_blocks
@@ -142,8 +150,13 @@ def _ghost_halo_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap
                   sxc, RELU_P, HAS_SCALE, SPLIT_SCALED_W, HALO_H * HALO_W, BLOCK_C, BLOCK_K,
                   PRECISION, UPCAST_DOT)
     s_pix = scratch_ptr + b64 * ssb + rows * ssh + cols * ssw
-    tl.store(s_pix[:, None] + chans[None, :] * ssc, x1.to(scratch_ptr.dtype.element_ty),
-             mask=in_img[:, None] & chan_ok[None, :])
+    x1_hi = x1.to(scratch_ptr.dtype.element_ty)
+    tl.store(s_pix[:, None] + chans[None, :] * ssc, x1_hi, mask=in_img[:, None] & chan_ok[None, :])
+    l_pix = lo_ptr + b64 * slb + rows * slh + cols * slw
+    if SPLIT_X1:  # the rounding error of the stored x1, so the taps read x1 at ~2x the precision
+        tl.store(l_pix[:, None] + chans[None, :] * slc,
+                 (x1 - x1_hi.to(tl.float32)).to(lo_ptr.dtype.element_ty),
+                 mask=in_img[:, None] & chan_ok[None, :])
     HAS_EPILOGUE: tl.constexpr = HAS_GATE or HAS_RESIDUAL
     gate_img = gate_ptr + b64 * sgb
     res_img = res_ptr + b64 * srb
@@ -165,9 +178,13 @@ def _ghost_halo_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap
             c = cols + (dx - 1)
             ok = row_ok & (c >= 0) & (c < W)
             v = tl.load(s_pix[:, None] + ((dy - 1) * ssh + (dx - 1) * ssw) + chans[None, :] * ssc,
-                        mask=ok[:, None] & cheap_ok[None, :], other=0.0)
+                        mask=ok[:, None] & cheap_ok[None, :], other=0.0).to(tl.float32)
+            if SPLIT_X1:
+                v += tl.load(l_pix[:, None] + ((dy - 1) * slh + (dx - 1) * slw)
+                             + chans[None, :] * slc, mask=ok[:, None] & cheap_ok[None, :],
+                             other=0.0).to(tl.float32)
             tap = tl.load(w_cheap_ptr + chans * 9 + (dy * 3 + dx), mask=cheap_ok, other=0.0)
-            x2 += v.to(tl.float32) * tap.to(tl.float32)[None, :]
+            x2 += v * tap.to(tl.float32)[None, :]
     if RELU_C:
         x2 = tl.maximum(x2, 0.0)
     cheap_mask = inner[:, None] & cheap_ok[None, :]
@@ -195,17 +212,15 @@ def _pow2_between(n: int, lo: int, hi: int) -> int:
 
 def default_config(C1: int, Cin: int, W: int, channels_last: bool) -> HaloLaunchConfig:
     """channels_last: 8 x 16 pixel tiles (6 x 14 outputs: 1.52x x1 work for the halo) x 32
-    channels (C1 = 60 in two blocks: x read twice, from L2), 8 warps: 174 registers, no spills,
-    16-byte cp.async loads of x (sm_90, triton 3.8, fp16 B32 40->120 @80). NCHW: 16 x 16 tiles
-    x 16 channels, 8 warps (180 registers, no spills; loads along a tile row are scalar because
-    halo tiles start one column before an aligned one). Images at most 6 columns wide get tiles 8
-    columns wide (fewer halo columns wasted). Not yet timed on a GPU: bench/sweep_triton.py times
-    the alternatives."""
+    channels (C1 = 60 in two blocks: x read twice, from L2), 8 warps: 244 registers in fp16 (x1
+    stored in two halves), no spills, 16-byte cp.async loads of x (sm_90, triton 3.8, B32
+    40->120 @80). NCHW: 8 x 16 tiles x 16 channels, 8 warps (200 registers, no spills; loads along
+    a tile row are scalar because halo tiles start one column before an aligned one). Images at
+    most 6 columns wide get tiles 8 columns wide (fewer halo columns wasted). Not yet timed on a
+    GPU: bench/sweep_triton.py times the alternatives."""
     narrow = W <= 6
-    if channels_last:
-        halo_h, halo_w, block_c = (16, 8, 32) if narrow else (8, 16, 32)
-    else:
-        halo_h, halo_w, block_c = (32, 8, 16) if narrow else (16, 16, 16)
+    halo_h, halo_w = (16, 8) if narrow else (8, 16)
+    block_c = 32 if channels_last else 16
     return HaloLaunchConfig(halo_h=halo_h, halo_w=halo_w,
                             block_c=_pow2_between(C1, 16, block_c),
                             block_k=16, num_warps=8)
@@ -216,21 +231,24 @@ def launch(x, w_primary, b_primary, w_cheap, b_cheap, y, relu_primary: bool, rel
     """Fill y (allocated by the caller in x's memory format) with the Ghost op."""
     B, Cin, H, W = x.shape
     C1 = w_primary.shape[0]
-    scratch = y
+    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    scratch = lo = y
     if gate is not None or residual is not None:
-        fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
         scratch = torch.empty((B, C1, H, W), dtype=y.dtype, device=y.device, memory_format=fmt)
+    split_x1 = x.dtype != torch.float32
+    if split_x1:
+        lo = torch.empty((B, C1, H, W), dtype=y.dtype, device=y.device, memory_format=fmt)
     tiles_h = triton.cdiv(H, cfg.halo_h - 2)
     tiles_w = triton.cdiv(W, cfg.halo_w - 2)
     chan_blocks = triton.cdiv(C1, cfg.block_c)
     Hg, Wg = gate.shape[-2:] if gate is not None else (1, 1)
     grid = (B * tiles_h * tiles_w * chan_blocks,)
     _ghost_halo_kernel[grid](
-        x, w_primary, b_primary, w_cheap, b_cheap, y, scratch,
+        x, w_primary, b_primary, w_cheap, b_cheap, y, scratch, lo,
         y if input_scale is None else input_scale,  # absent extras: unused placeholders
         y if gate is None else gate, y if residual is None else residual,
         Cin, C1, out_channels, H, W, Hg, Wg,
-        *x.stride(), *y.stride(), *scratch.stride(),
+        *x.stride(), *y.stride(), *scratch.stride(), *lo.stride(),
         *(gate.stride() if gate is not None else (0,) * 4),
         *(residual.stride() if residual is not None else (0,) * 4), tiles_w, tiles_h, chan_blocks,
         RELU_P=bool(relu_primary), RELU_C=bool(relu_cheap), HAS_SCALE=input_scale is not None,
@@ -238,7 +256,8 @@ def launch(x, w_primary, b_primary, w_cheap, b_cheap, y, relu_primary: bool, rel
         HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, HALO_H=cfg.halo_h,
         HALO_W=cfg.halo_w, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
         X_ALIGN=pixel_alignment(x), Y_ALIGN=pixel_alignment(y),
-        S_ALIGN=pixel_alignment(scratch), CIN_ALIGN=common_alignment(Cin),
+        S_ALIGN=pixel_alignment(scratch), L_ALIGN=pixel_alignment(lo), SPLIT_X1=split_x1,
+        CIN_ALIGN=common_alignment(Cin),
         COUT_ALIGN=common_alignment(C1, out_channels),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=cfg.num_warps)
