@@ -1,35 +1,31 @@
 """Triton kernel of the folded Ghost op, halo-tile mapping (the default launch).
 
-One program owns a ``HALO_H x HALO_W`` pixel tile of one image (flattened to one register axis of
+A work item is a ``HALO_H x HALO_W`` pixel tile of one image (flattened to one register axis of
 ``HALO_H * HALO_W`` pixels, a power of two) x ``BLOCK_C`` primary channels. Its output pixels are
 the tile's interior, ``(HALO_H - 2) x (HALO_W - 2)``; the one-pixel ring around it is the halo the
 depthwise 3x3 needs. Tiles step by the interior size, so neighbouring tiles' halos overlap.
 
 1. x1 of every tile pixel, halo included, is ONE ``tl.dot`` of the [pixels, Cin] x tile with the
-   [Cin, BLOCK_C] weight (``BLOCK_K`` chunks, fp32 accumulation), plus bias and activation: an
-   M = 128..512 matrix product instead of the row kernel's M = 16 ones, each x1 computed once (the
-   halo ring costs (HALO_H*HALO_W) / interior, 1.3x at 16 x 16) instead of 3.75x.
-2. x1 goes to its final place, channels ``[0, C1)`` of y, for every in-image tile pixel: the halo
-   pixels belong to neighbouring tiles, which compute and write the same values (the same
-   instructions on the same inputs give the same bits), so the overlapping stores are benign.
+   [Cin, BLOCK_C] weight (``BLOCK_K`` chunks, fp32 accumulation), plus bias and activation, zero
+   outside the image (the depthwise conv zero-pads x1): an M = 128..256 matrix product instead
+   of the row kernel's M = 16 ones, each x1 computed once (the halo ring costs
+   (HALO_H*HALO_W) / interior: 1.5x at 8 x 16) instead of 3.75x.
+2. The fp32 x1 tile goes to the program's private scratch tile (global memory that stays in
+   cache, see below), and the interior's x1 (times the gate, plus the residual, when given) to
+   channels ``[0, C1)`` of y: x1 is written to HBM once, where it belongs.
 3. After a barrier (``tl.debug_barrier``: the program's own global stores are visible to all its
-   threads), the depthwise taps read x1 back from y, 9 shifted loads that the L1 serves, and the
-   result goes to channels ``[C1, out_channels)`` for the interior pixels.
+   threads) the 9 depthwise taps read the scratch tile shifted by a row/column, channel-fastest
+   16-byte vectors; the result goes to channels ``[C1, out_channels)``.
 
-x1 thus makes one trip to memory, the one it has to make (it is half of y), and is read back from
-cache rather than recomputed; nothing is concatenated. For fp16/bf16 the stored x1 is rounded, and
-a depthwise conv of the rounded x1 (what the unfused ``cat(x1, dwconv(x1))`` computes) breaks the
-op's one-rounding contract: bf16 errors grew ~20 % and a bf16 gradient test failed. So half
-types also store the rounding error, ``x1 - round(x1)``, in the same dtype to a ``lo`` tensor,
-and the taps read both halves (~16 significant bits, far below the output's rounding): the
-errors equal the fp32-x1 row kernel's. Cost: one extra write the size of x1 (a third more bytes
-than the floor at the target shape), read back from cache like the rest.
-
-With a gate or residual epilogue y's first half is not x1 itself, so x1 goes to a separate
-``scratch`` tensor (one extra write of x1; the reads come from cache as before) and the epilogue
-result to y. Input scale, fp32 IEEE dots and the bf16 interpreter upcast work as in the row kernel
-(``ghostkernels.triton.ghost_conv``, whose docstring explains them).
+The grid is persistent (``PROGRAMS_PER_SM`` programs per SM looping over the work items), so the
+scratch is ``programs x tile`` (8.4 MB for 528 programs of 128 x 32 fp32), small enough to stay in
+L2 instead of costing HBM traffic, and each program rewrites its own tile (a barrier before each
+rewrite): no program reads another's data, and x1 is kept unrounded for the taps (the op's
+one-rounding contract: fp16/bf16 results equal the row kernel's, which holds x1 in registers).
+Nothing is concatenated. Input scale, fp32 IEEE dots and the bf16 interpreter upcast work as in
+the row kernel (``ghostkernels.triton.ghost_conv``, whose docstring explains them).
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -104,94 +100,87 @@ def _apply_epilogue(v, rows, cols, out_chans, mask, gate_img, sgc, sgh, sgw, Hg,
 
 @triton.jit
 def _ghost_halo_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap_ptr, y_ptr,
-                       scratch_ptr, lo_ptr, scale_ptr, gate_ptr, res_ptr,
+                       scratch_ptr, scale_ptr, gate_ptr, res_ptr,
                        Cin, C1, OUT_C, H, W, Hg, Wg,
-                       sxb, sxc, sxh, sxw, syb, syc, syh, syw, ssb, ssc, ssh, ssw,
-                       slb, slc, slh, slw,
+                       sxb, sxc, sxh, sxw, syb, syc, syh, syw,
                        sgb, sgc, sgh, sgw, srb, src, srh, srw,
-                       tiles_w, tiles_h, chan_blocks,
+                       tiles_w, tiles_h, chan_blocks, work_items,
                        RELU_P: tl.constexpr, RELU_C: tl.constexpr, HAS_SCALE: tl.constexpr,
                        SPLIT_SCALED_W: tl.constexpr, HAS_GATE: tl.constexpr,
                        HAS_RESIDUAL: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, X_ALIGN: tl.constexpr,
-                       Y_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, L_ALIGN: tl.constexpr,
-                       SPLIT_X1: tl.constexpr, CIN_ALIGN: tl.constexpr,
-                       COUT_ALIGN: tl.constexpr,
+                       Y_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
+                       CIN_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr,
                        PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     # vector loads and stores along the channels with channel counts and pixel strides that are
     # not multiples of 16 (ghostkernels.triton.alignment)
     Cin, C1, OUT_C = aligned(Cin, CIN_ALIGN), aligned(C1, COUT_ALIGN), aligned(OUT_C, COUT_ALIGN)
     sxb, sxh, sxw = aligned(sxb, X_ALIGN), aligned(sxh, X_ALIGN), aligned(sxw, X_ALIGN)
     syb, syh, syw = aligned(syb, Y_ALIGN), aligned(syh, Y_ALIGN), aligned(syw, Y_ALIGN)
-    ssb, ssh, ssw = aligned(ssb, S_ALIGN), aligned(ssh, S_ALIGN), aligned(ssw, S_ALIGN)
-    slb, slh, slw = aligned(slb, L_ALIGN), aligned(slh, L_ALIGN), aligned(slw, L_ALIGN)
-    # Channel block fastest: neighbouring programs read the same x tile (L2 reuse).
-    pid = tl.program_id(0)
-    cb = pid % chan_blocks
-    tile = pid // chan_blocks
-    tw = tile % tiles_w
-    th = (tile // tiles_w) % tiles_h
-    b = tile // (tiles_w * tiles_h)
-    p = tl.arange(0, HALO_H * HALO_W)
+    sgb, sgh, sgw = aligned(sgb, G_ALIGN), aligned(sgh, G_ALIGN), aligned(sgw, G_ALIGN)
+    srb, srh, srw = aligned(srb, R_ALIGN), aligned(srh, R_ALIGN), aligned(srw, R_ALIGN)
+    PIXELS: tl.constexpr = HALO_H * HALO_W
+    p = tl.arange(0, PIXELS)
     hy = p // HALO_W
     hx = p % HALO_W
-    rows = th * (HALO_H - 2) - 1 + hy
-    cols = tw * (HALO_W - 2) - 1 + hx
-    in_img = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
-    inner = in_img & (hy >= 1) & (hy < HALO_H - 1) & (hx >= 1) & (hx < HALO_W - 1)
-    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    chan_ok = chans < C1
-    cheap_ok = chan_ok & (C1 + chans < OUT_C)  # cheap channels that survive the slice
-    b64 = b.to(tl.int64)
+    ring_inside = (hy >= 1) & (hy < HALO_H - 1) & (hx >= 1) & (hx < HALO_W - 1)
+    c_local = tl.arange(0, BLOCK_C)
+    # this program's private fp32 x1 tile, [PIXELS, BLOCK_C] channel-fastest
+    pid = tl.program_id(0)
+    mine = scratch_ptr + pid.to(tl.int64) * (PIXELS * BLOCK_C)
+    tile_x1 = mine + p[:, None] * BLOCK_C + c_local[None, :]
 
-    b_p = tl.load(b_primary_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
-    x_pix = x_ptr + b64 * sxb + rows * sxh + cols * sxw
-    x1 = _x1_tile(x_pix, w_primary_ptr, scale_ptr + b64 * Cin, b_p, in_img, chans, chan_ok, Cin,
-                  sxc, RELU_P, HAS_SCALE, SPLIT_SCALED_W, HALO_H * HALO_W, BLOCK_C, BLOCK_K,
-                  PRECISION, UPCAST_DOT)
-    s_pix = scratch_ptr + b64 * ssb + rows * ssh + cols * ssw
-    x1_hi = x1.to(scratch_ptr.dtype.element_ty)
-    tl.store(s_pix[:, None] + chans[None, :] * ssc, x1_hi, mask=in_img[:, None] & chan_ok[None, :])
-    l_pix = lo_ptr + b64 * slb + rows * slh + cols * slw
-    if SPLIT_X1:  # the rounding error of the stored x1, so the taps read x1 at ~2x the precision
-        tl.store(l_pix[:, None] + chans[None, :] * slc,
-                 (x1 - x1_hi.to(tl.float32)).to(lo_ptr.dtype.element_ty),
-                 mask=in_img[:, None] & chan_ok[None, :])
-    HAS_EPILOGUE: tl.constexpr = HAS_GATE or HAS_RESIDUAL
-    gate_img = gate_ptr + b64 * sgb
-    res_img = res_ptr + b64 * srb
-    y_pix = y_ptr + b64 * syb + rows * syh + cols * syw
-    if HAS_EPILOGUE:  # y's first half is epilogue(x1); x1 itself lives in scratch
+    # Persistent loop over (image, tile, channel block); channel block fastest, so programs
+    # running together read the same x tile (L2 reuse).
+    for item in range(pid, work_items, tl.num_programs(0)):
+        cb = item % chan_blocks
+        tile = item // chan_blocks
+        tw = tile % tiles_w
+        th = (tile // tiles_w) % tiles_h
+        b64 = (tile // (tiles_w * tiles_h)).to(tl.int64)
+        rows = th * (HALO_H - 2) - 1 + hy
+        cols = tw * (HALO_W - 2) - 1 + hx
+        in_img = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
+        inner = in_img & ring_inside
+        chans = cb * BLOCK_C + c_local
+        chan_ok = chans < C1
+        cheap_ok = chan_ok & (C1 + chans < OUT_C)  # cheap channels that survive the slice
+
+        b_p = tl.load(b_primary_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+        x_pix = x_ptr + b64 * sxb + rows * sxh + cols * sxw
+        x1 = _x1_tile(x_pix, w_primary_ptr, scale_ptr + b64 * Cin, b_p, in_img, chans, chan_ok,
+                      Cin, sxc, RELU_P, HAS_SCALE, SPLIT_SCALED_W, PIXELS, BLOCK_C, BLOCK_K,
+                      PRECISION, UPCAST_DOT)
+        x1 = tl.where(in_img[:, None], x1, 0.0)  # the depthwise conv zero-pads x1
+        tl.debug_barrier()  # the previous item's tap reads of the tile are done
+        tl.store(tile_x1, x1)
+        gate_img = gate_ptr + b64 * sgb
+        res_img = res_ptr + b64 * srb
+        y_pix = y_ptr + b64 * syb + rows * syh + cols * syw
         primary_mask = inner[:, None] & chan_ok[None, :]
         v = _apply_epilogue(x1, rows, cols, chans, primary_mask, gate_img, sgc, sgh, sgw, Hg, Wg,
                             res_img, src, srh, srw, H, W, HAS_GATE, HAS_RESIDUAL)
         tl.store(y_pix[:, None] + chans[None, :] * syc, v.to(y_ptr.dtype.element_ty),
                  mask=primary_mask)
-    tl.debug_barrier()
+        tl.debug_barrier()  # the tile is written, by every thread of the program
 
-    x2 = tl.zeros([HALO_H * HALO_W, BLOCK_C], dtype=tl.float32)
-    x2 += tl.load(b_cheap_ptr + chans, mask=cheap_ok, other=0.0).to(tl.float32)[None, :]
-    for dy in tl.static_range(3):
-        r = rows + (dy - 1)
-        row_ok = inner & (r >= 0) & (r < H)
-        for dx in tl.static_range(3):
-            c = cols + (dx - 1)
-            ok = row_ok & (c >= 0) & (c < W)
-            v = tl.load(s_pix[:, None] + ((dy - 1) * ssh + (dx - 1) * ssw) + chans[None, :] * ssc,
-                        mask=ok[:, None] & cheap_ok[None, :], other=0.0).to(tl.float32)
-            if SPLIT_X1:
-                v += tl.load(l_pix[:, None] + ((dy - 1) * slh + (dx - 1) * slw)
-                             + chans[None, :] * slc, mask=ok[:, None] & cheap_ok[None, :],
-                             other=0.0).to(tl.float32)
-            tap = tl.load(w_cheap_ptr + chans * 9 + (dy * 3 + dx), mask=cheap_ok, other=0.0)
-            x2 += v * tap.to(tl.float32)[None, :]
-    if RELU_C:
-        x2 = tl.maximum(x2, 0.0)
-    cheap_mask = inner[:, None] & cheap_ok[None, :]
-    x2 = _apply_epilogue(x2, rows, cols, C1 + chans, cheap_mask, gate_img, sgc, sgh, sgw, Hg, Wg,
-                         res_img, src, srh, srw, H, W, HAS_GATE, HAS_RESIDUAL)
-    tl.store(y_pix[:, None] + (C1 + chans)[None, :] * syc, x2.to(y_ptr.dtype.element_ty),
-             mask=cheap_mask)
+        x2 = tl.zeros([PIXELS, BLOCK_C], dtype=tl.float32)
+        x2 += tl.load(b_cheap_ptr + chans, mask=cheap_ok, other=0.0).to(tl.float32)[None, :]
+        for dy in tl.static_range(3):
+            for dx in tl.static_range(3):
+                # interior pixels only: their neighbours are in the tile (out-of-image ones
+                # hold zeros), so no image-bounds masks
+                v = tl.load(tile_x1 + ((dy - 1) * HALO_W + (dx - 1)) * BLOCK_C,
+                            mask=ring_inside[:, None], other=0.0)
+                tap = tl.load(w_cheap_ptr + chans * 9 + (dy * 3 + dx), mask=cheap_ok, other=0.0)
+                x2 += v * tap.to(tl.float32)[None, :]
+        if RELU_C:
+            x2 = tl.maximum(x2, 0.0)
+        cheap_mask = inner[:, None] & cheap_ok[None, :]
+        x2 = _apply_epilogue(x2, rows, cols, C1 + chans, cheap_mask, gate_img, sgc, sgh, sgw, Hg,
+                             Wg, res_img, src, srh, srw, H, W, HAS_GATE, HAS_RESIDUAL)
+        tl.store(y_pix[:, None] + (C1 + chans)[None, :] * syc, x2.to(y_ptr.dtype.element_ty),
+                 mask=cheap_mask)
 
 
 @dataclass(frozen=True)
@@ -206,20 +195,38 @@ class HaloLaunchConfig:
     num_warps: int
 
 
+# Persistent grid: at most this many programs per SM, each looping over work items with its own
+# x1 tile (16 KB at 128 pixels x 32 channels in fp32): 132 SMs x 4 = 528 tiles, 8.4 MB, which
+# stays in L2 (50 MB on an H100) instead of going to HBM.
+PROGRAMS_PER_SM = 4
+
+
+def num_sms(device: torch.device) -> int:
+    """SMs of a CUDA device; 1 elsewhere (the interpreter runs programs one after another)."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _pow2_between(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
 def default_config(C1: int, Cin: int, W: int, channels_last: bool) -> HaloLaunchConfig:
-    """channels_last: 8 x 16 pixel tiles (6 x 14 outputs: 1.52x x1 work for the halo) x 32
-    channels (C1 = 60 in two blocks: x read twice, from L2), 8 warps: 244 registers in fp16 (x1
-    stored in two halves), no spills, 16-byte cp.async loads of x (sm_90, triton 3.8, B32
-    40->120 @80). NCHW: 8 x 16 tiles x 16 channels, 8 warps (200 registers, no spills; loads along
-    a tile row are scalar because halo tiles start one column before an aligned one). Images at
-    most 6 columns wide get tiles 8 columns wide (fewer halo columns wasted). Not yet timed on a
-    GPU: bench/sweep_triton.py times the alternatives."""
+    """8 warps, Cin in 16-channel chunks. channels_last: 8 x 16 pixel tiles (6 x 14 outputs:
+    1.52x the x1 work for the halo) x 32 channels (C1 = 60 in two blocks: x read twice, from
+    L2), 124 registers (192 with input scale and residual); NCHW: 16 x 16 (14 x 14 outputs,
+    1.31x) x 16 channels, 129 registers; no spills, 16-byte tap loads (sm_90, triton 3.8, fp16
+    B32 40->120 @80; 16 x 16 x 32 spilled with the epilogues). Images at most 6 columns wide get
+    16 x 8 tiles (fewer halo columns wasted). Not yet timed on a GPU: bench/sweep_triton.py
+    times the alternatives."""
     narrow = W <= 6
-    halo_h, halo_w = (16, 8) if narrow else (8, 16)
+    halo_h, halo_w = (16, 8) if narrow else ((8, 16) if channels_last else (16, 16))
     block_c = 32 if channels_last else 16
     return HaloLaunchConfig(halo_h=halo_h, halo_w=halo_w,
                             block_c=_pow2_between(C1, 16, block_c),
@@ -231,34 +238,30 @@ def launch(x, w_primary, b_primary, w_cheap, b_cheap, y, relu_primary: bool, rel
     """Fill y (allocated by the caller in x's memory format) with the Ghost op."""
     B, Cin, H, W = x.shape
     C1 = w_primary.shape[0]
-    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-    scratch = lo = y
-    if gate is not None or residual is not None:
-        scratch = torch.empty((B, C1, H, W), dtype=y.dtype, device=y.device, memory_format=fmt)
-    split_x1 = x.dtype != torch.float32
-    if split_x1:
-        lo = torch.empty((B, C1, H, W), dtype=y.dtype, device=y.device, memory_format=fmt)
     tiles_h = triton.cdiv(H, cfg.halo_h - 2)
     tiles_w = triton.cdiv(W, cfg.halo_w - 2)
     chan_blocks = triton.cdiv(C1, cfg.block_c)
+    work_items = B * tiles_h * tiles_w * chan_blocks
+    programs = min(work_items, PROGRAMS_PER_SM * num_sms(x.device))
+    scratch = torch.empty(programs * cfg.halo_h * cfg.halo_w * cfg.block_c, dtype=torch.float32,
+                          device=x.device)
     Hg, Wg = gate.shape[-2:] if gate is not None else (1, 1)
-    grid = (B * tiles_h * tiles_w * chan_blocks,)
-    _ghost_halo_kernel[grid](
-        x, w_primary, b_primary, w_cheap, b_cheap, y, scratch, lo,
+    _ghost_halo_kernel[(programs,)](
+        x, w_primary, b_primary, w_cheap, b_cheap, y, scratch,
         y if input_scale is None else input_scale,  # absent extras: unused placeholders
         y if gate is None else gate, y if residual is None else residual,
-        Cin, C1, out_channels, H, W, Hg, Wg,
-        *x.stride(), *y.stride(), *scratch.stride(), *lo.stride(),
+        Cin, C1, out_channels, H, W, Hg, Wg, *x.stride(), *y.stride(),
         *(gate.stride() if gate is not None else (0,) * 4),
-        *(residual.stride() if residual is not None else (0,) * 4), tiles_w, tiles_h, chan_blocks,
+        *(residual.stride() if residual is not None else (0,) * 4),
+        tiles_w, tiles_h, chan_blocks, work_items,
         RELU_P=bool(relu_primary), RELU_C=bool(relu_cheap), HAS_SCALE=input_scale is not None,
         SPLIT_SCALED_W=input_scale is not None and x.dtype != torch.float32,
         HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, HALO_H=cfg.halo_h,
         HALO_W=cfg.halo_w, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
         X_ALIGN=pixel_alignment(x), Y_ALIGN=pixel_alignment(y),
-        S_ALIGN=pixel_alignment(scratch), L_ALIGN=pixel_alignment(lo), SPLIT_X1=split_x1,
-        CIN_ALIGN=common_alignment(Cin),
-        COUT_ALIGN=common_alignment(C1, out_channels),
+        G_ALIGN=pixel_alignment(gate) if gate is not None else 1,
+        R_ALIGN=pixel_alignment(residual) if residual is not None else 1,
+        CIN_ALIGN=common_alignment(Cin), COUT_ALIGN=common_alignment(C1, out_channels),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=cfg.num_warps)
     return y
