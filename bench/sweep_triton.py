@@ -60,7 +60,7 @@ def _msda_key(cfg) -> str:
 def _ghost_key(cfg) -> str:
     if hasattr(cfg, "halo_h"):
         return (f"halo {cfg.halo_h}x{cfg.halo_w} c{cfg.block_c} k{cfg.block_k} "
-                f"w{cfg.num_warps}")
+                f"w{cfg.num_warps} p{cfg.programs_per_sm}")
     return f"rows h{cfg.block_h} w{cfg.block_w} c{cfg.block_c} k{cfg.block_k} w{cfg.num_warps}"
 
 
@@ -105,14 +105,14 @@ def sweep_ghost(device, budget_end, batch=32, hw=80):
     cin, cout = 40, 120
     dtype = torch.float16
     w1, b1, w2, b2 = ghost_weights(cin, cout, device, dtype)
-    # halo kernel (halo_h, halo_w, block_c, block_k, warps): pixel tiles of 128/256/512, channel
-    # blocks 16/32/64, 4/8/16 warps; then the row kernel (block_h, block_w, block_c, block_k,
+    # halo kernel (halo_h, halo_w, block_c, block_k, warps[, programs per SM]): pixel tiles of
+    # 128/256/512, channel blocks 16/32/64, 4/8/16 warps, 2/4/8 programs per SM; the row kernel (block_h, block_w, block_c, block_k,
     # warps) at its measured channels_last best and NCHW default, for comparison.
-    halo_candidates = [(8, 16, 32, 16, 8), (8, 16, 32, 16, 4), (8, 16, 16, 16, 4),
-                       (8, 16, 64, 16, 8), (16, 16, 16, 16, 8), (16, 16, 32, 16, 8),
-                       (16, 16, 32, 16, 16), (8, 32, 16, 16, 8), (8, 32, 32, 16, 8),
-                       (16, 8, 32, 16, 8), (16, 32, 16, 16, 16), (8, 16, 32, 64, 8),
-                       (4, 32, 32, 16, 4), (32, 16, 16, 16, 16)]
+    halo_candidates = [(8, 16, 32, 16, 8, 2), (8, 16, 32, 16, 8, 8), (16, 16, 16, 16, 8),
+                       (8, 16, 16, 16, 8), (16, 8, 32, 16, 8), (8, 16, 32, 16, 4),
+                       (8, 16, 32, 16, 4, 8), (16, 16, 32, 16, 8), (8, 16, 64, 16, 8),
+                       (8, 32, 16, 16, 8), (4, 32, 32, 16, 4), (16, 16, 16, 16, 4),
+                       (8, 16, 32, 32, 8), (32, 16, 16, 16, 16), (16, 32, 16, 16, 16)]
     row_candidates = [(8, 16, 32, 16, 4), (8, 32, 16, 16, 4)]
     cases = [("nhwc", ()), ("nchw", ()), ("nhwc", ("input_scale", "residual"))]
     for fmt, extras in cases:

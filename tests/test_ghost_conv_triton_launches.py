@@ -4,8 +4,9 @@ and Cin blocks, every epilogue, against the float64 definition with plain PyTorc
 
 The op-level tests (test_ghost_conv*.py) run the default launch on small images, mostly one tile;
 here tiles as small as the kernels allow (4 x 4 halo tiles: 2 x 2 outputs each) make every
-program's halo overlap its neighbours', which is where the halo kernel's shared x1 stores and
-read-backs are exercised. Runs on the GPU too (on CPU tensors through the Triton interpreter)."""
+tile's halo overlap its neighbours', and the persistent grid runs from one program looping over
+every work item to one program per item (on CPU tensors the kernel sees one "SM"). Runs on the
+GPU too (on CPU tensors through the Triton interpreter)."""
 import pytest
 import torch
 
@@ -21,6 +22,8 @@ CONFIGS = {
     "halo-4x8-c16-k16": halo.HaloLaunchConfig(4, 8, 16, 16, 2),
     "halo-8x4-c32-k32": halo.HaloLaunchConfig(8, 4, 32, 32, 2),
     "halo-16x16-default-like": halo.HaloLaunchConfig(16, 16, 32, 64, 8),
+    "halo-8x16-one-program": halo.HaloLaunchConfig(8, 16, 16, 16, 4, programs_per_sm=1),
+    "halo-8x8-many-programs": halo.HaloLaunchConfig(8, 8, 16, 16, 4, programs_per_sm=64),
     "rows-8x16-c16": triton_ghost.GhostLaunchConfig(8, 16, 16, 16, 4),
     "rows-4x16-c32": triton_ghost.GhostLaunchConfig(4, 16, 32, 16, 4),
 }

@@ -17,7 +17,7 @@ depthwise 3x3 needs. Tiles step by the interior size, so neighbouring tiles' hal
    threads) the 9 depthwise taps read the scratch tile shifted by a row/column, channel-fastest
    16-byte vectors; the result goes to channels ``[C1, out_channels)``.
 
-The grid is persistent (``PROGRAMS_PER_SM`` programs per SM looping over the work items), so the
+The grid is persistent (``programs_per_sm`` programs per SM looping over the work items), so the
 scratch is ``programs x tile`` (8.4 MB for 528 programs of 128 x 32 fp32), small enough to stay in
 L2 instead of costing HBM traffic, and each program rewrites its own tile (a barrier before each
 rewrite): no program reads another's data, and x1 is kept unrounded for the taps (the op's
@@ -187,18 +187,15 @@ def _ghost_halo_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap
 class HaloLaunchConfig:
     """Tile of the halo kernel: ``halo_h x halo_w`` pixels (product a power of two, each >= 3;
     the output tile is 2 smaller in each dim) x ``block_c`` channels (>= 16), Cin in ``block_k``
-    chunks (>= 16)."""
+    chunks (>= 16); a persistent grid of at most ``programs_per_sm`` programs per SM."""
     halo_h: int
     halo_w: int
     block_c: int
     block_k: int
     num_warps: int
-
-
-# Persistent grid: at most this many programs per SM, each looping over work items with its own
-# x1 tile (16 KB at 128 pixels x 32 channels in fp32): 132 SMs x 4 = 528 tiles, 8.4 MB, which
-# stays in L2 (50 MB on an H100) instead of going to HBM.
-PROGRAMS_PER_SM = 4
+    # 4 programs per SM, each with its own x1 tile (16 KB at 128 pixels x 32 channels in fp32):
+    # 132 x 4 x 16 KB = 8.4 MB of scratch on an H100, which stays in L2 (50 MB)
+    programs_per_sm: int = 4
 
 
 def num_sms(device: torch.device) -> int:
@@ -242,7 +239,7 @@ def launch(x, w_primary, b_primary, w_cheap, b_cheap, y, relu_primary: bool, rel
     tiles_w = triton.cdiv(W, cfg.halo_w - 2)
     chan_blocks = triton.cdiv(C1, cfg.block_c)
     work_items = B * tiles_h * tiles_w * chan_blocks
-    programs = min(work_items, PROGRAMS_PER_SM * num_sms(x.device))
+    programs = min(work_items, cfg.programs_per_sm * num_sms(x.device))
     scratch = torch.empty(programs * cfg.halo_h * cfg.halo_w * cfg.block_c, dtype=torch.float32,
                           device=x.device)
     Hg, Wg = gate.shape[-2:] if gate is not None else (1, 1)
