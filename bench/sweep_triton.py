@@ -106,8 +106,9 @@ def sweep_ghost(device, budget_end, batch=32, hw=80):
     dtype = torch.float16
     w1, b1, w2, b2 = ghost_weights(cin, cout, device, dtype)
     # halo kernel (halo_h, halo_w, block_c, block_k, warps[, programs per SM]): pixel tiles of
-    # 128/256/512, channel blocks 16/32/64, 4/8/16 warps, 2/4/8 programs per SM; the row kernel (block_h, block_w, block_c, block_k,
-    # warps) at its measured channels_last best and NCHW default, for comparison.
+    # 128/256/512, channel blocks 16/32/64, 4/8/16 warps, 2/4/8 programs per SM; the row kernel
+    # (block_h, block_w, block_c, block_k, warps) at its measured channels_last best and NCHW
+    # default, for comparison.
     halo_candidates = [(8, 16, 32, 16, 8, 2), (8, 16, 32, 16, 8, 8), (16, 16, 16, 16, 8),
                        (8, 16, 16, 16, 8), (16, 8, 32, 16, 8), (8, 16, 32, 16, 4),
                        (8, 16, 32, 16, 4, 8), (16, 16, 32, 16, 8), (8, 16, 64, 16, 8),
