@@ -39,6 +39,18 @@ def eager_ghost(x, w1, b1, w2, b2):
     return torch.cat([x1, x2], 1)
 
 
+def row_kernel(x, w1, b1, w2, b2, cout):
+    """The Triton row kernel (the default launch until the halo kernel) at its best measured
+    launch: 16 columns x 32 channels in channels_last, 32 x 16 in NCHW (BENCHMARKS.md)."""
+    from ghostkernels.triton import ghost_conv as triton_ghost
+    c1, cin = w1.shape[:2]
+    channels_last = not x.is_contiguous()
+    config = triton_ghost.GhostLaunchConfig(8, 16, 32, 16, 4) if channels_last else \
+        triton_ghost.GhostLaunchConfig(8, 32, 16, 16, 4)
+    return triton_ghost.forward(x, w1.reshape(c1, cin), b1, w2.reshape(c1, 9), b2, True, True,
+                                cout, config=config)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -92,6 +104,11 @@ def main(argv=None):
                                         {k: v / ms for k, v in base.items()}))
                         rows.append(Row("dw3x3-fwd", case, backend, dw_ms, dw_floor,
                                         {eager: dw_eager / dw_ms}))
+                    if "triton" in names:  # the previous Triton kernel, for comparison
+                        ms = time_ms(lambda: row_kernel(x, w1, b1, w2, b2, cout), device)
+                        rows.append(Row("ghost-fwd", case, "triton row kernel", ms, ghost_floor,
+                                        {k: v / ms for k, v in base.items()},
+                                        "launcher called directly, no op layer"))
                     write_outputs(rows, header, args.out, "ghost", echo=False)
     write_outputs(rows, header, args.out, "ghost")
     return rows
