@@ -40,13 +40,11 @@ def eager_ghost(x, w1, b1, w2, b2):
 
 
 def row_kernel(x, w1, b1, w2, b2, cout):
-    """The Triton row kernel (the default launch until the halo kernel) at its best measured
-    launch: 16 columns x 32 channels in channels_last, 32 x 16 in NCHW (BENCHMARKS.md)."""
+    """The Triton row kernel (the default launch until the halo kernel) at its own measured
+    default launch (``default_config``)."""
     from ghostkernels.triton import ghost_conv as triton_ghost
     c1, cin = w1.shape[:2]
-    channels_last = not x.is_contiguous()
-    config = triton_ghost.GhostLaunchConfig(8, 16, 32, 16, 4) if channels_last else \
-        triton_ghost.GhostLaunchConfig(8, 32, 16, 16, 4)
+    config = triton_ghost.default_config(x.shape[-1], not x.is_contiguous())
     return triton_ghost.forward(x, w1.reshape(c1, cin), b1, w2.reshape(c1, 9), b2, True, True,
                                 cout, config=config)
 

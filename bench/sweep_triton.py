@@ -126,7 +126,7 @@ def sweep_ghost(device, budget_end, batch=32, hw=80):
         if "residual" in extras:
             kwargs["residual"] = torch.randn(batch, cout, hw, hw, device=device,
                                              dtype=dtype).contiguous(memory_format=mem)
-        default = tk.halo.default_config(cout // 2, cin, hw, fmt == "nhwc")
+        default = tk.halo.default_config(cout // 2, hw, fmt == "nhwc")
 
         def run(cfg, x=x, kwargs=kwargs):
             return tk.forward(x, w1, b1, w2, b2, True, True, cout, config=cfg, **kwargs)

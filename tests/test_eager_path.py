@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ghostkernels
 from ghostkernels.benchmark import count_ops
 from ghostkernels.ops.eager import eager_safe
+from tests.backend_params import require
 from tests.msda_cases import away_from_pixel_boundaries
 
 OPS = {name: importlib.import_module(f"ghostkernels.ops.{name}") for name in (
@@ -83,8 +84,7 @@ def _values_and_grads(fn, tensors, grad_seed):
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_the_eager_path_computes_what_the_custom_op_computes(name, backend):
-    if backend == "cpu" and not ghostkernels.backends.availability("cpu", "cpu").available:
-        pytest.skip("the C++ extension is not built")
+    require(backend, "ghost_conv", torch.float64)  # the cpu backend: the C++ extension
     seed = torch.seed() % 2**31
     public, custom, tensors = _cases(torch.Generator().manual_seed(seed))[name]
     with ghostkernels.use_backend(backend if backend in
@@ -172,8 +172,7 @@ def test_compiling_hands_the_compiler_plain_ops_when_the_reference_is_chosen(bac
     """Under torch.compile an op whose chosen backend is the reference is traced as its plain
     PyTorch ops (the compiler can fuse them); an op with a kernel stays one custom op. Both equal
     eager."""
-    if backend == "cpu" and not ghostkernels.backends.availability("cpu", "cpu").available:
-        pytest.skip("the C++ extension is not built")
+    require(backend, "ghost_conv", torch.float64)  # the cpu backend: the C++ extension
     from torch._dynamo.backends.common import aot_autograd
 
     public, _, tensors = _cases(torch.Generator().manual_seed(4))["ghost_conv"]

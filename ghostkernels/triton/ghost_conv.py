@@ -231,7 +231,7 @@ def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = out if out is not None else torch.empty((B, out_channels, H, W), dtype=x.dtype,
                                                 device=x.device, memory_format=fmt)
-    cfg = config or halo.default_config(C1, Cin, W, channels_last)
+    cfg = config or halo.default_config(C1, W, channels_last)
     if max(x[0].numel(), y[0].numel()) >= 2**31:
         raise ValueError("the Triton kernel indexes within one image in int32: each image of x and "
                          f"y must have fewer than 2**31 elements, got x {tuple(x.shape)}, "

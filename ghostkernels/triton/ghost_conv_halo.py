@@ -25,7 +25,6 @@ one-rounding contract: fp16/bf16 results equal the row kernel's, which holds x1 
 Nothing is concatenated. Input scale, fp32 IEEE dots and the bf16 interpreter upcast work as in
 the row kernel (``ghostkernels.triton.ghost_conv``, whose docstring explains them).
 """
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ghostkernels.triton.alignment import aligned, common_alignment, pixel_alignment
+from ghostkernels.triton.device import num_sms
 
 
 @triton.jit
@@ -198,23 +198,11 @@ class HaloLaunchConfig:
     programs_per_sm: int = 4
 
 
-def num_sms(device: torch.device) -> int:
-    """SMs of a CUDA device; 1 elsewhere (the interpreter runs programs one after another)."""
-    if device.type != "cuda":
-        return 1
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _pow2_between(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def default_config(C1: int, Cin: int, W: int, channels_last: bool) -> HaloLaunchConfig:
+def default_config(C1: int, W: int, channels_last: bool) -> HaloLaunchConfig:
     """8 warps, Cin in 16-channel chunks. channels_last: 8 x 16 pixel tiles (6 x 14 outputs:
     1.52x the x1 work for the halo) x 32 channels (C1 = 60 in two blocks: x read twice, from
     L2), 124 registers (192 with input scale and residual); NCHW: 16 x 16 (14 x 14 outputs,

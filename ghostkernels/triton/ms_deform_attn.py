@@ -11,8 +11,8 @@ level shapes read from the int64 tensors on the device: no host sync) and the po
 constexpr, unrolled). The forward unrolls the levels too (L constexpr: at most 5 variants), so
 the loads of every level's shape, locations and corners can be in flight together; with a
 runtime level loop, a batch-1 launch (a few programs per SM) waited for one level's dependent
-loads (shape, then location, then corners) before starting the next. Per (query, point) the location, floor, fractions, corner weights and
-in-bounds masks are computed once as ``[BLOCK_Q]`` vectors; the four corners are gathered as
+loads (shape, then location, then corners) before starting the next. Per (query, point) the
+location, floor, fractions, corner weights and in-bounds masks are computed once as ``[BLOCK_Q]`` vectors; the four corners are gathered as
 ``[BLOCK_Q, BLOCK_D]`` tiles with masks; everything accumulates in float32.
 
 - forward: ``acc += attn * bilinear(value)``; stored once in value's dtype. D wider than
@@ -46,12 +46,13 @@ contributes zero but still has a location gradient through its in-map corner (as
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ghostkernels.triton.device import num_sms as _num_sms
 
 MAX_BLOCK_Q = 64
 MIN_BLOCK_Q = 4
@@ -86,13 +87,6 @@ def launch_config(N: int, Lq: int, M: int, D: int, num_sms: int, tile: int) -> L
         block_q //= 2
     num_warps = max(1, min(8, block_q * block_d // (32 * ELEMENTS_PER_THREAD)))
     return LaunchConfig(block_q, block_d, num_warps)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter: fewer, larger programs run fastest
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # --------------------------------------------------------------------------------------------
