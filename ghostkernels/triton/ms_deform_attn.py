@@ -12,8 +12,9 @@ constexpr, unrolled). The forward unrolls the levels too (L constexpr: at most 5
 the loads of every level's shape, locations and corners can be in flight together; with a
 runtime level loop, a batch-1 launch (a few programs per SM) waited for one level's dependent
 loads (shape, then location, then corners) before starting the next. Per (query, point) the
-location, floor, fractions, corner weights and in-bounds masks are computed once as ``[BLOCK_Q]`` vectors; the four corners are gathered as
-``[BLOCK_Q, BLOCK_D]`` tiles with masks; everything accumulates in float32.
+location, floor, fractions, corner weights and in-bounds masks are computed once as ``[BLOCK_Q]``
+vectors; the four corners are gathered as ``[BLOCK_Q, BLOCK_D]`` tiles with masks; everything
+accumulates in float32.
 
 - forward: ``acc += attn * bilinear(value)``; stored once in value's dtype. D wider than
   ``BLOCK_D`` is split over extra programs (no reduction over D is needed).
