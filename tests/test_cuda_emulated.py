@@ -83,6 +83,20 @@ def test_reads_of_unwritten_shared_memory_are_nan(emu):
     assert emu.selftest(6, torch.zeros(1), 64, 64).isnan().all()
 
 
+def test_wmma_multiplies_like_torch(emu):
+    a, b, c = (torch.randn(16, 16) for _ in range(3))
+    out = emu.selftest(11, torch.cat([a.flatten(), b.flatten(), c.flatten()]), 256, 32)
+    expected = a.half().double() @ b.half().double() + c.double()
+    torch.testing.assert_close(out.view(16, 16).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_async_copies_land_when_the_thread_waits(emu):
+    x = torch.randn(128)
+    out = emu.selftest(14, x, 64, 32).view(32, 2)
+    assert out[:, 0].isnan().all()  # read before __pipeline_wait_prior: not there yet
+    assert torch.equal(out[:, 1], x[::4])
+
+
 @pytest.mark.parametrize("case,message", [
     (2, (r"thread \(3,0,0\).* returned while lanes of its warp wait for it in __shfl_sync at "
          r"tests/cuda_emulation/selftest_kernels.cu:\d+")),
@@ -93,6 +107,9 @@ def test_reads_of_unwritten_shared_memory_are_nan(emu):
     (8, r"invalid block 2048x1x1"),
     (9, r"misaligned address \d+ for .*float4.* \(needs 16-byte alignment\)"),
     (10, r"thread \(63,0,0\).*: index 64 out of bounds for .*float \[64\]"),
+    (12, r"wmma::load_matrix_sync with a pointer not 256-bit aligned at .*selftest_kernels.cu"),
+    (13, r"wmma::load_matrix_sync: lanes of the warp passed different pointers"),
+    (15, r"misaligned address in __pipeline_memcpy_async"),
 ])
 def test_the_emulator_reports_kernel_bugs(emu, case, message):
     with pytest.raises(EmulationError, match=message):

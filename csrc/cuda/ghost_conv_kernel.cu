@@ -1,4 +1,5 @@
-// CUDA kernel of the folded Ghost op (torch-free; launched from ghost_ops.cpp).
+// CUDA-core kernel of the folded Ghost op, for float32 (torch-free; launched from ghost_ops.cpp;
+// float16 and bfloat16 go to the tensor-core kernel of ghost_conv_mma_kernel.cu).
 //
 //   y[:, :C1]      = x1 = act_p(W1 (s x) + b1)                   (1x1 conv, C1 primary channels)
 //   y[:, C1:C1+C2] = act_c(dw3x3(x1, pad 1) + b2)[:, :C2]        (C2 = out_channels - C1)
@@ -174,6 +175,7 @@ cudaError_t launch_typed(const GhostConvArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_ghost_conv(const GhostConvArgs& args, DType dtype, cudaStream_t stream) {
+  if (dtype != DType::kFloat32) return launch_ghost_conv_mma(args, dtype, stream);
   return dispatch_dtype(dtype, [&]<typename T>() { return launch_typed<T>(args, stream); });
 }
 

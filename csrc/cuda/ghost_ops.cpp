@@ -32,17 +32,6 @@ at::Tensor ghost_conv_forward_cuda(const at::Tensor& x, const at::Tensor& w_prim
   at::Tensor y = at::empty({B, out_channels, H, W}, x.options().memory_format(fmt));
   if (y.numel() == 0) return y;
 
-  // Grid: x = spatial tiles, y = blocks of primary channels, z = batch.
-  const int64_t tiles = ((H + cuda::kGhostTileH - 1) / cuda::kGhostTileH) *
-                        ((W + cuda::kGhostTileW - 1) / cuda::kGhostTileW);
-  const int64_t channel_blocks = (C1 + cuda::kGhostChannelBlock - 1) / cuda::kGhostChannelBlock;
-  TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(),
-              "ghost_conv_forward (CUDA kernel): H x W too large (", tiles, " tiles of ",
-              cuda::kGhostTileH, "x", cuda::kGhostTileW, ", at most 2^31-1)");
-  TORCH_CHECK(channel_blocks <= 65535, "ghost_conv_forward (CUDA kernel): at most ",
-              65535 * cuda::kGhostChannelBlock, " primary channels, got ", C1);
-  TORCH_CHECK(B <= 65535, "ghost_conv_forward (CUDA kernel): batch at most 65535, got ", B);
-
   cuda::GhostConvArgs args{};
   args.x = x.data_ptr();
   args.w_primary = w_primary.data_ptr();
@@ -64,6 +53,14 @@ at::Tensor ghost_conv_forward_cuda(const at::Tensor& x, const at::Tensor& w_prim
   args.relu_primary = relu_primary;
   args.relu_cheap = relu_cheap;
   args.channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  // Grid: x = spatial tiles, y = blocks of primary channels, z = batch (CUDA's limits).
+  const cuda::GhostConvGrid grid = cuda::ghost_conv_grid(args, dtype);
+  TORCH_CHECK(grid.tiles <= std::numeric_limits<int32_t>::max(),
+              "ghost_conv_forward (CUDA kernel): H x W too large (", H, "x", W, " gives ",
+              grid.tiles, " tiles, at most 2^31-1)");
+  TORCH_CHECK(grid.channel_blocks <= 65535, "ghost_conv_forward (CUDA kernel): too many primary "
+              "channels (", C1, " gives ", grid.channel_blocks, " channel blocks, at most 65535)");
+  TORCH_CHECK(B <= 65535, "ghost_conv_forward (CUDA kernel): batch at most 65535, got ", B);
   check_launch(cuda::launch_ghost_conv(args, dtype, c10::cuda::getCurrentCUDAStream().stream()),
                "ghost_conv_forward");
   return y;

@@ -38,15 +38,37 @@ struct DepthwiseConvArgs {
   bool relu, channels_last;
 };
 
-// The Ghost kernel's fixed tiling (also used by the launcher to check grid limits): a block owns a
-// kTileH x kTileW output tile x kChannelBlock primary channels. Shared memory does not depend on
-// the channel counts (input channels are streamed in chunks), so any C1 and Cin are supported.
+// The float32 Ghost kernel's fixed tiling: a block owns a kGhostTileH x kGhostTileW output tile x
+// kGhostChannelBlock primary channels. Shared memory does not depend on the channel counts (input
+// channels are streamed in chunks), so any C1 and Cin are supported (by both kernels).
 constexpr int kGhostTileH = 14;
 constexpr int kGhostTileW = 14;
 constexpr int kGhostChannelBlock = 32;
 
-// Launch on `stream`; return the launch status (cudaGetLastError()).
+// The tensor-core kernel that runs float16 and bfloat16 (ghost_conv_mma_kernel.cu): a block owns
+// a kGhostMmaTileH x kGhostMmaTileW output tile x kGhostMmaChannelBlock primary channels.
+constexpr int kGhostMmaTileH = 8;
+constexpr int kGhostMmaTileW = 14;
+constexpr int kGhostMmaChannelBlock = 64;
+
+// The grid launch_ghost_conv uses for `args` (the launcher checks it against CUDA's limits:
+// tiles <= 2^31 - 1, channel_blocks and batch <= 65535).
+struct GhostConvGrid {
+  int64_t tiles, channel_blocks, batch;
+};
+inline GhostConvGrid ghost_conv_grid(const GhostConvArgs& args, DType dtype) {
+  const bool mma = dtype != DType::kFloat32;
+  const int64_t th = mma ? kGhostMmaTileH : kGhostTileH, tw = mma ? kGhostMmaTileW : kGhostTileW;
+  const int64_t cb = mma ? kGhostMmaChannelBlock : kGhostChannelBlock;
+  return {((args.height + th - 1) / th) * ((args.width + tw - 1) / tw),
+          (args.primary_channels + cb - 1) / cb, args.batch};
+}
+
+// Launch on `stream`; return the launch status (cudaGetLastError()). launch_ghost_conv runs
+// float32 on the CUDA-core kernel (ghost_conv_kernel.cu) and float16 / bfloat16 on
+// launch_ghost_conv_mma.
 cudaError_t launch_ghost_conv(const GhostConvArgs& args, DType dtype, cudaStream_t stream);
+cudaError_t launch_ghost_conv_mma(const GhostConvArgs& args, DType dtype, cudaStream_t stream);
 cudaError_t launch_depthwise_conv(const DepthwiseConvArgs& args, DType dtype,
                                   cudaStream_t stream);
 

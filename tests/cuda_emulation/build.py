@@ -28,8 +28,8 @@ FLAGS = ["-std=c++20", "-O1", "-fPIC", "-g0", "-fno-strict-aliasing", "-Wall",
 CHECKS = ["-fsanitize=alignment,bounds,signed-integer-overflow,shift,integer-divide-by-zero"]
 
 MSDA = [KERNEL_DIR / "ms_deform_attn_kernel.cu", HERE / "bindings" / "ms_deform_attn.cpp"]
-GHOST = [KERNEL_DIR / "ghost_conv_kernel.cu", KERNEL_DIR / "depthwise_conv_kernel.cu",
-         HERE / "bindings" / "ghost_ops.cpp"]
+GHOST = [KERNEL_DIR / "ghost_conv_kernel.cu", KERNEL_DIR / "ghost_conv_mma_kernel.cu",
+         KERNEL_DIR / "depthwise_conv_kernel.cu", HERE / "bindings" / "ghost_ops.cpp"]
 DFC_GATE = [KERNEL_DIR / "dfc_gate_kernel.cu", HERE / "bindings" / "dfc_gate.cpp"]
 # name -> (sources: .cu files are rewritten first, __CUDA_ARCH__ the device code sees)
 LIBRARIES = {

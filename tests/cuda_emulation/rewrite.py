@@ -5,7 +5,8 @@ Three CUDA constructs are not C++ even with the keyword macros of ``cuda_emulati
 * ``kernel<<<grid, block[, shmem[, stream]]>>>(args)`` becomes
   ``::cuda_emu::launch(::cuda_emu::launch_config(grid, block, shmem, stream), kernel, args)``;
 * ``extern __shared__ T name[];`` becomes a ``T*`` to the block's dynamic shared memory;
-* ``__shared__ T name[N];`` becomes a reference to one ``T[N]`` object shared by the block.
+* ``__shared__ T name[N];`` becomes a reference to one ``T[N]`` object shared by the block
+  (aligned as ``__align__(n)`` asks, if it does).
 
 Line numbers are preserved (the rewritten file starts with a ``#line`` directive naming the
 original), so compiler messages and the emulator's barrier sites point into csrc/.
@@ -17,7 +18,8 @@ import re
 _EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([A-Za-z_][\w:<>, ]*?)\s+(\w+)\s*\[\s*\]\s*;")
 _STATIC_SHARED = re.compile(
-    r"__shared__\s+(?:__align__\(\d+\)\s+)?([A-Za-z_][\w:<>, ]*?)\s+(\w+)\s*((?:\[[^\];]+\]\s*)+);")
+    r"__shared__\s+(?:__align__\((\d+)\)\s+)?([A-Za-z_][\w:<>, ]*?)\s+(\w+)\s*"
+    r"((?:\[[^\];]+\]\s*)+);")
 
 
 def _match_back(text: str, end: int, open_char: str, close_char: str) -> int:
@@ -82,7 +84,8 @@ def rewrite(source: str, original_path: str) -> str:
     text = _EXTERN_SHARED.sub(
         lambda m: f"{m[1]}* {m[2]} = static_cast<{m[1]}*>(::cuda_emu::dynamic_shared());", text)
     text = _STATIC_SHARED.sub(
-        lambda m: f"auto& {m[2]} = ::cuda_emu::block_shared<{m[1]}{m[3].strip()}>();", text)
+        lambda m: (f"auto& {m[3]} = ::cuda_emu::block_shared<{m[2]}{m[4].strip()}, "
+                   f"{m[1] or 0}>();"), text)
     if text.count("\n") != source.count("\n"):
         raise AssertionError("the rewrite changed the line count")
     return f'#line 1 "{original_path}"\n' + text

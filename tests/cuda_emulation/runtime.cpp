@@ -68,7 +68,7 @@ struct Launch {
   std::source_location block_where;
   std::vector<SharedSlot> static_slots;
   size_t static_bytes = 0;
-  alignas(16) unsigned char static_arena[kSharedLimit];
+  alignas(128) unsigned char static_arena[kSharedLimit];
   std::vector<unsigned char> dynamic_arena;
   ucontext_t scheduler;
   Fiber* current = nullptr;
@@ -367,6 +367,10 @@ const uint64_t* warp_exchange(unsigned mask, uint64_t bits, int width, const cha
 }
 
 int lane_id() { return self().linear % 32; }
+
+void device_fault(const std::string& what, const std::source_location& where) {
+  fail(thread_text(self()) + ": " + what + " at " + where_text(where));
+}
 
 void set_last_error(cudaError_t err) {
   if (err != cudaSuccess || g_last_error == cudaSuccess) g_last_error = err;

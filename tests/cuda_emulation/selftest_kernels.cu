@@ -1,7 +1,10 @@
 // Small kernels that check the emulator itself: the semantics it gives to shuffles and shared
 // memory, and that it reports the bugs it claims to catch (tests/test_cuda_emulated.py).
 // Compiled like csrc/cuda/*.cu (rewrite.py + cuda_emulation.h); each `case` is one launch.
+#include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cstdint>
 
@@ -82,6 +85,67 @@ __global__ void shared_index_out_of_bounds(float* out) {  // staged[64] for the 
   out[threadIdx.x] = staged[threadIdx.x + 1];
 }
 
+namespace wmma = nvcuda::wmma;
+
+// out[0:256] = A B + C for 16x16 row-major A = in[0:256], B = in[256:512] (both rounded to half),
+// C = in[512:768]; one warp, through shared memory.
+__global__ void wmma_product(const float* in, float* out) {
+  __shared__ __align__(32) __half ab[2 * 256];
+  __shared__ __align__(32) float c[256];
+  for (int i = threadIdx.x; i < 512; i += 32) ab[i] = __float2half_rn(in[i]);
+  for (int i = threadIdx.x; i < 256; i += 32) c[i] = in[512 + i];
+  __syncwarp();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;  // B^T row-major
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::load_matrix_sync(fa, ab, 16);
+  __syncwarp();
+  for (int i = threadIdx.x; i < 256; i += 32)
+    ab[256 + (i % 16) * 16 + i / 16] = __float2half_rn(in[256 + i]);
+  __syncwarp();
+  wmma::load_matrix_sync(fb, ab + 256, 16);
+  wmma::load_matrix_sync(acc, c, 16, wmma::mem_row_major);
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(out, acc, 16, wmma::mem_row_major);
+}
+
+__global__ void wmma_misaligned(float* out) {  // 16 bytes past a 32-byte boundary
+  __shared__ __align__(32) __half a[2 * 256];
+  for (int i = threadIdx.x; i < 512; i += 32) a[i] = __float2half_rn(1.f);
+  __syncwarp();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::load_matrix_sync(fa, a + 8, 16);
+  out[threadIdx.x] = 1.f;
+}
+
+__global__ void wmma_divergent_pointers(float* out) {  // each half-warp its own matrix
+  __shared__ __align__(32) __half a[2 * 256];
+  for (int i = threadIdx.x; i < 512; i += 32) a[i] = __float2half_rn(1.f);
+  __syncwarp();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::load_matrix_sync(fa, a + (threadIdx.x < 16 ? 0 : 256), 16);
+  out[threadIdx.x] = 1.f;
+}
+
+// out[2t] = staged value before __pipeline_wait_prior (NaN: not landed), out[2t+1] = after.
+__global__ void async_copy_lands_at_wait(const float* in, float* out) {
+  __shared__ __align__(16) float staged[4 * 32];
+  const int t = threadIdx.x;
+  __pipeline_memcpy_async(staged + 4 * t, in + 4 * t, 16);
+  __pipeline_commit();
+  out[2 * t] = staged[4 * t];
+  __pipeline_wait_prior(0);
+  out[2 * t + 1] = staged[4 * t];
+}
+
+__global__ void async_copy_misaligned(const float* in, float* out) {
+  __shared__ __align__(16) float staged[4 * 32 + 4];
+  __pipeline_memcpy_async(staged + 4 * threadIdx.x, in + 1 + 4 * threadIdx.x, 16);
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+  out[threadIdx.x] = staged[4 * threadIdx.x];
+}
+
 }  // namespace
 
 extern "C" int gk_selftest(int which, const float* in, float* out, int n, int a, int b, int c) {
@@ -97,6 +161,11 @@ extern "C" int gk_selftest(int which, const float* in, float* out, int n, int a,
     case 8: reverse_through_shared<<<1, 2048, 0>>>(in, out); break;  // too many threads
     case 9: misaligned_vector_load<<<1, 8>>>(in, out); break;
     case 10: shared_index_out_of_bounds<<<1, 64>>>(out); break;
+    case 11: wmma_product<<<1, 32>>>(in, out); break;
+    case 12: wmma_misaligned<<<1, 32>>>(out); break;
+    case 13: wmma_divergent_pointers<<<1, 32>>>(out); break;
+    case 14: async_copy_lands_at_wait<<<1, 32>>>(in, out); break;
+    case 15: async_copy_misaligned<<<1, 32>>>(in, out); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <source_location>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -106,6 +107,8 @@ void sync_block(const std::source_location& where);
 const uint64_t* warp_exchange(unsigned mask, uint64_t bits, int width, const char* what,
                               const std::source_location& where);
 int lane_id();
+// Fails the launch with `what` (a device-side error a GPU would also report or punish).
+[[noreturn]] void device_fault(const std::string& what, const std::source_location& where);
 void set_last_error(cudaError_t err);
 cudaError_t take_last_error();
 int sm_count();
@@ -127,10 +130,12 @@ void launch(const LaunchConfig& cfg, void (*kernel)(P...), A&&... args) {
   set_last_error(run_grid(cfg, +entry, &call));
 }
 
-// `__shared__ T name[N];` after rewrite.py: one object per block, shared by its threads.
-template <typename T>
+// `__shared__ [__align__(A)] T name[N];` after rewrite.py: one object per block, shared by its
+// threads, aligned to max(A, alignof(T)).
+template <typename T, size_t A = 0>
 T& block_shared(const std::source_location& where = std::source_location::current()) {
-  return *static_cast<T*>(static_shared(sizeof(T), alignof(T), where));
+  constexpr size_t align = A > alignof(T) ? A : alignof(T);
+  return *static_cast<T*>(static_shared(sizeof(T), align, where));
 }
 
 template <typename T>
