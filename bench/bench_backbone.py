@@ -108,9 +108,10 @@ def main(argv=None):
                              "eager and folded fused models per batch (torch.profiler)")
     parser.add_argument("--force-backends", nargs="*", default=[], metavar="BACKEND",
                         choices=["cuda", "triton"],
-                        help="also time the folded fused model with every op forced to each of "
-                             "these backends (plain and, on a GPU, in a CUDA graph): the fused "
-                             "kernels inside the model, whatever the automatic choice is")
+                        help="also time the folded fused model with each of these backends "
+                             "preferred (every op it implements runs on it; plain and, on a GPU, "
+                             "in a CUDA graph): the fused kernels inside the model, whatever the "
+                             "automatic choice is")
     parser.add_argument("--out", default=None, help="directory for backbone.md and backbone.json")
     args = parser.parse_args(argv)
     if args.threads:
@@ -161,7 +162,7 @@ def main(argv=None):
             name = f"ghostnetv3 folded fused [{forced}]"
 
             def forward_forced(forced=forced):
-                with backends.use_backend(forced):
+                with backends.prefer_backend(forced):
                     return fused(x)
 
             with torch.inference_mode():

@@ -5,7 +5,7 @@ four backends: ``reference`` (PyTorch), ``cpu`` (C++), ``triton`` and ``cuda`` (
 ``ghostkernels.backend_report()`` (or ``python -m ghostkernels``) says which are available here.
 """
 from ghostkernels.backends import (BACKENDS, BackendUnavailableError, backend_for,
-                                   decomposed, format_report, use_backend)
+                                   decomposed, format_report, prefer_backend, use_backend)
 from ghostkernels.ops import *  # noqa: F401,F403 - the public ops
 from ghostkernels.ops import __all__ as _ops_all
 
@@ -18,4 +18,4 @@ def backend_report() -> str:
 
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "backend_for", "backend_report", "decomposed",
-           "use_backend", *_ops_all]
+           "prefer_backend", "use_backend", *_ops_all]

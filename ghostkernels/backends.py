@@ -9,7 +9,8 @@ Every op has one implementation per backend:
 
 Selection, per call: the innermost :func:`use_backend` context, else the ``GHOSTKERNELS_BACKEND``
 environment variable, else automatic (the fastest backend that supports the tensor's device and
-dtype). A backend chosen explicitly that cannot run the call is an error, never a silent fallback.
+dtype; inside :func:`prefer_backend`, the preferred backend wherever it can run the call). A
+backend chosen explicitly that cannot run the call is an error, never a silent fallback.
 """
 from __future__ import annotations
 
@@ -208,6 +209,24 @@ def use_backend(backend: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def prefer_backend(backend: str) -> Iterator[None]:
+    """Automatic choice, except that every op that ``backend`` implements for the call's device
+    and dtype runs on it; the others keep their automatic choice. For running one backend's
+    kernels inside a model whose ops it does not all implement (e.g. the CUDA kernels, where the
+    SE excitation exists only in Triton). :func:`use_backend` and the environment still win."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    stack = getattr(_state, "preferred", None)
+    if stack is None:
+        stack = _state.preferred = []
+    stack.append(backend)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+@contextlib.contextmanager
 def decomposed() -> Iterator[None]:
     """Inside this context the public ops bypass their custom op and call the reference
     implementation directly, so tracers see plain PyTorch ops (grid_sample, conv2d): used for
@@ -249,6 +268,9 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
                 f"backend {forced!r} was requested for ghostkernels.{op} on {device_type} "
                 f"{str(dtype).replace('torch.', '')} tensors but cannot run it: {why}")
         return forced
+    preferred = getattr(_state, "preferred", None)
+    if preferred and not _supports(op, preferred[-1], device_type, dtype):
+        return preferred[-1]
     for backend in auto_order(op, device_type):
         if not _supports(op, backend, device_type, dtype):
             return backend

@@ -45,6 +45,29 @@ def test_automatic_choice_follows_the_measured_order(monkeypatch):
         backends.set_auto_order("ghost_conv", "cpu", ("fast",))
 
 
+def test_a_preferred_backend_runs_where_it_can_and_nowhere_else(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    cpu = torch.device("cpu")
+    auto_se = backends.select("se_excitation", cpu, torch.float32)
+    auto_msda = backends.select("ms_deform_attn", cpu, torch.float32)
+    with ghostkernels.prefer_backend("reference"):
+        assert backends.select("ms_deform_attn", cpu, torch.float32) == "reference"
+        assert backends.select("ghost_conv", cpu, torch.float64) == "reference"
+    if backends.availability("cpu", "cpu").available:
+        with ghostkernels.prefer_backend("cpu"):  # se_excitation has no C++ kernel
+            assert backends.select("ghost_conv", cpu, torch.float32) == "cpu"
+            assert backends.select("se_excitation", cpu, torch.float32) == auto_se
+            with ghostkernels.prefer_backend("reference"):  # the innermost preference wins
+                assert backends.select("ghost_conv", cpu, torch.float32) == "reference"
+            with ghostkernels.use_backend("reference"):  # forcing wins over preferring
+                assert backends.select("ghost_conv", cpu, torch.float32) == "reference"
+    with ghostkernels.prefer_backend("cuda"):  # no CUDA kernel runs CPU tensors
+        assert backends.select("ms_deform_attn", cpu, torch.float32) == auto_msda
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with ghostkernels.prefer_backend("fastest"):
+            pass
+
+
 def test_a_dtype_the_backend_lacks_is_refused_when_forced():
     with ghostkernels.use_backend("triton"):
         with pytest.raises(ghostkernels.BackendUnavailableError, match="float64|triton"):

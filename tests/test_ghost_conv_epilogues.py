@@ -259,3 +259,30 @@ def test_bad_input_raises_clear_error(name):
     changes, error, message = BAD_INPUTS[name]
     with pytest.raises(error, match=re.escape(message)):
         ghostkernels.ghost_conv(**_bad(**changes))
+
+
+# GhostNetV3-1.0's Ghost modules (Cin, C1, out_channels) at a small odd image: the channel counts
+# select the fused GPU kernels' fast paths (16-byte x loads for Cin % 8 == 0, channel pairs for
+# even counts, several 64-channel blocks, several input chunks) that the small cases above miss.
+GHOSTNET_MODULES = {"16->48": (16, 24, 48), "40->120": (40, 60, 120), "80->200": (80, 100, 200),
+                    "112->336": (112, 168, 336), "160->960": (160, 480, 960)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+@pytest.mark.parametrize("module", list(GHOSTNET_MODULES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_kernels_at_ghostnet_channel_counts(backend, dtype, module, channels_last):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    device = require(backend, OP, dtype)
+    Cin, C1, oc = GHOSTNET_MODULES[module]
+    for extras in ((), EXTRAS):
+        cfg = (2, Cin, C1, 19, 31, channels_last, "relu", "relu", oc, extras, (9, 15))
+        args = make_inputs(*cfg, dtype=dtype, device=device)
+        extra_tensors = make_extras(cfg, dtype, device)
+        out = run(backend, args, "relu", "relu", oc, extra_tensors)
+        assert out.is_contiguous(memory_format=expected_format(cfg))
+        expected = plain_ghost_extras(args, "relu", "relu", oc, **extra_tensors)
+        assert rel_err(out, expected) < TOLERANCE[dtype][0], (module, extras)
