@@ -13,6 +13,7 @@ ResNet18-d: through layer4).
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import math
 
@@ -20,7 +21,8 @@ import torch
 
 from ghostkernels.benchmark import (Row, count_ops, cuda_graph_replay, machine_description,
                                     time_ms, write_outputs)
-from ghostkernels import backends
+import ghostkernels
+from ghostkernels import backends, tuning
 from rtdetr.models.backbone.ghostnetv3 import GhostNetV3
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,6 +92,35 @@ def print_kernel_profile(name: str, fn, top: int) -> None:
                                     max_name_column_width=70), flush=True)
 
 
+def time_tuned(fused, x, case, device, failures, notes) -> dict[str, float]:
+    """The folded fused model after ``ghostkernels.tune`` on ``x`` (plain and, on a GPU, in a
+    CUDA graph); prints every choice and notes how many op call shapes went to each backend."""
+    name = "ghostnetv3 folded fused [tuned]"
+    tuning.clear()
+    try:
+        choices = ghostkernels.tune(fused, x)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        failures[name] = f"tune failed: {type(exc).__name__}: {exc}"
+        return {name: float("nan")}
+    print(f"ghostkernels.tune, {case}:")
+    for entry in choices:
+        print("  " + entry.describe())
+    picked = collections.Counter(f"{e.op}={e.backend}" for e in choices)
+    summary = "tuned: " + ", ".join(f"{k} x{n}" for k, n in sorted(picked.items()))
+    timings = {}
+    with torch.inference_mode():
+        timings[name] = timed(lambda: fused(x), device, failures, name)
+    if device == "cuda":
+        with torch.no_grad():
+            timings[name + " + CUDA graph"] = timed(
+                lambda: cuda_graph_replay(lambda: fused(x)), device, failures,
+                name + " + CUDA graph", replay=True)
+    for n in timings:
+        notes[n] = summary
+    tuning.clear()
+    return timings
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -112,6 +143,10 @@ def main(argv=None):
                              "preferred (every op it implements runs on it; plain and, on a GPU, "
                              "in a CUDA graph): the fused kernels inside the model, whatever the "
                              "automatic choice is")
+    parser.add_argument("--tune", action="store_true",
+                        help="also time the folded fused model after ghostkernels.tune (the "
+                             "fastest backend per op call shape, measured here; plain and, on a "
+                             "GPU, in a CUDA graph) and print the choices")
     parser.add_argument("--out", default=None, help="directory for backbone.md and backbone.json")
     args = parser.parse_args(argv)
     if args.threads:
@@ -147,7 +182,7 @@ def main(argv=None):
         case = f"{args.size}x{args.size} bs{batch} {str(dtype).replace('torch.', '')}"
         x = torch.rand(batch, 3, args.size, args.size, device=device, dtype=dtype)
         x = x.contiguous(memory_format=fmt)
-        timings, failures = {}, {}
+        timings, failures, notes = {}, {}, {}
         with torch.inference_mode():
             for name, model in models.items():
                 timings[name] = timed(lambda m=model: m(x), device, failures, name)
@@ -172,6 +207,9 @@ def main(argv=None):
                     timings[name + " + CUDA graph"] = timed(
                         lambda fn=forward_forced: cuda_graph_replay(fn), device, failures,
                         name + " + CUDA graph", replay=True)
+        if args.tune:
+            timings.update(time_tuned(models["ghostnetv3 folded fused"], x, case, device,
+                                      failures, notes))
         if device == "cuda" and args.profile:
             with torch.inference_mode():
                 for name in ("ghostnetv3 folded eager", "ghostnetv3 folded fused"):
@@ -180,7 +218,7 @@ def main(argv=None):
         for name, ms in timings.items():
             ratios = {b: timings[b] / ms for b in BASELINES
                       if b in timings and b != name and not math.isnan(ms)}
-            note = failures.get(name) or "; ".join(
+            note = failures.get(name) or notes.get(name) or "; ".join(
                 part for part in (f"{ops[name]} ops" if ops.get(name) else "",
                                   f"ghostkernels backend: {fused_backend}"
                                   if "fused" in name and "[" not in name else "") if part)

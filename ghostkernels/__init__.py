@@ -8,6 +8,7 @@ from ghostkernels.backends import (BACKENDS, BackendUnavailableError, backend_fo
                                    decomposed, format_report, prefer_backend, use_backend)
 from ghostkernels.ops import *  # noqa: F401,F403 - the public ops
 from ghostkernels.ops import __all__ as _ops_all
+from ghostkernels.tuning import tune
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,4 @@ def backend_report() -> str:
 
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "backend_for", "backend_report", "decomposed",
-           "prefer_backend", "use_backend", *_ops_all]
+           "prefer_backend", "tune", "use_backend", *_ops_all]

@@ -9,8 +9,9 @@ Every op has one implementation per backend:
 
 Selection, per call: the innermost :func:`use_backend` context, else the ``GHOSTKERNELS_BACKEND``
 environment variable, else automatic (the fastest backend that supports the tensor's device and
-dtype; inside :func:`prefer_backend`, the preferred backend wherever it can run the call). A
-backend chosen explicitly that cannot run the call is an error, never a silent fallback.
+dtype; inside :func:`prefer_backend`, the preferred backend wherever it can run the call; for a
+call whose shapes :func:`ghostkernels.tune` measured, the backend it found fastest). A backend
+chosen explicitly that cannot run the call is an error, never a silent fallback.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ ENV_VAR = "GHOSTKERNELS_BACKEND"
 # the order for a device type where measurements say otherwise (set_auto_order).
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 _OP_AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {}
+# Measured per call shape (ghostkernels.tuning): (op, device type, dtype, call_key) -> backend.
+_TUNED: dict[tuple, str] = {}
+_RECORDER: dict | None = None  # while ghostkernels.tuning records: the calls resolve() sees
 
 _state = threading.local()
 
@@ -257,8 +261,22 @@ def _supports(op: str, backend: str, device_type: str, dtype: torch.dtype) -> st
     return ""
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs ``op`` for tensors on ``device`` with ``dtype``."""
+def call_key(args, kwargs=None) -> tuple:
+    """What a tuned choice is keyed on: the shape and layout of each tensor argument and the value
+    of every other one (bools, ints, None)."""
+    def one(a):
+        if isinstance(a, torch.Tensor):
+            layout = ("channels_last" if a.dim() == 4 and not a.is_contiguous()
+                      and a.is_contiguous(memory_format=torch.channels_last) else "")
+            return (tuple(a.shape), layout) if layout else tuple(a.shape)
+        return a
+    key = tuple(one(a) for a in args)
+    return key + tuple((k, one(v)) for k, v in sorted(kwargs.items())) if kwargs else key
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, key: tuple | None = None) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` with ``dtype`` (``key``: the call's
+    :func:`call_key`, for choices measured per call shape)."""
     device_type = device.type
     forced = requested_backend()
     if forced is not None:
@@ -271,6 +289,10 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
     preferred = getattr(_state, "preferred", None)
     if preferred and not _supports(op, preferred[-1], device_type, dtype):
         return preferred[-1]
+    if key is not None:
+        tuned = _TUNED.get((op, device_type, dtype, key))
+        if tuned is not None and not _supports(op, tuned, device_type, dtype):
+            return tuned
     for backend in auto_order(op, device_type):
         if not _supports(op, backend, device_type, dtype):
             return backend
@@ -294,9 +316,47 @@ def wants_plain_ops(op: str, x: torch.Tensor) -> bool:
             and _chosen_when_traced(op, x.device.type, x.dtype) == "reference")
 
 
-def resolve(op: str, device: torch.device, dtype: torch.dtype):
-    """The implementation module of the selected backend for ``op``."""
-    return _REGISTRY[op][select(op, device, dtype)].load()
+def resolve(op: str, device: torch.device, dtype: torch.dtype, args=None, kwargs=None):
+    """The implementation module of the selected backend for ``op``. ``args``/``kwargs``: what
+    the caller will pass to the module's ``forward`` (so that choices measured per call shape
+    apply, and :mod:`ghostkernels.tuning` can record the call)."""
+    key = None
+    if args is not None and (_TUNED or _RECORDER is not None):
+        key = call_key(args, kwargs)
+        if _RECORDER is not None and (op, device.type, dtype, key) not in _RECORDER:
+            def keep(a):  # a copy: the caller's tensors may change after the call
+                return a.detach().clone() if isinstance(a, torch.Tensor) else a
+            _RECORDER[(op, device.type, dtype, key)] = (
+                tuple(keep(a) for a in args), {k: keep(v) for k, v in (kwargs or {}).items()})
+    return _REGISTRY[op][select(op, device, dtype, key)].load()
+
+
+def install_tuned(op: str, device_type: str, dtype: torch.dtype, key: tuple, backend: str) -> None:
+    """Run calls of ``op`` with this device type, dtype and :func:`call_key` on ``backend`` when
+    the choice is automatic (what :func:`ghostkernels.tune` measured fastest)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _TUNED[(op, device_type, dtype, key)] = backend
+
+
+def clear_tuned() -> None:
+    """Forget every measured per-call choice (back to the automatic order)."""
+    _TUNED.clear()
+
+
+@contextlib.contextmanager
+def recording_calls() -> Iterator[dict]:
+    """Inside: the first op call of every (op, device type, dtype, :func:`call_key`) that
+    resolves a backend with its arguments is stored in the yielded dict, mapped to a copy of its
+    ``(args, kwargs)`` (used by ghostkernels.tuning)."""
+    global _RECORDER
+    if _RECORDER is not None:
+        raise RuntimeError("ghostkernels is already recording op calls (nested tune())")
+    _RECORDER = {}
+    try:
+        yield _RECORDER
+    finally:
+        _RECORDER = None
 
 
 def backend_for(op: str, device: torch.device | str, dtype: torch.dtype) -> str:

@@ -1,9 +1,10 @@
 """End-to-end detector latency (model + postprocessor, random weights) at 640x640, one table.
 
 Per model and batch: unfolded eager (training structure), folded eager, folded + fused ops,
-folded + fused + CUDA graph (GPU only), torch.compile (inductor, folded + fused). "Eager" rows run
-every ghostkernels op on its ``reference`` backend (plain PyTorch); "fused" rows on the automatic
-choice (named in the note). Weights and inputs channels_last; GPU: fp16, batch 1 and 32; CPU: fp32,
+folded + fused + CUDA graph (GPU only), folded + fused + tuned (+ CUDA graph, GPU only: after
+``ghostkernels.tune``, every op call shape on the backend measured fastest on this machine),
+torch.compile (inductor, folded + fused). "Eager" rows run every ghostkernels op on its
+``reference`` backend (plain PyTorch); "fused" rows on the automatic choice (named in the note). Weights and inputs channels_last; GPU: fp16, batch 1 and 32; CPU: fp32,
 batch 1 (benchmark-protocol.md).
 
     rtdetr bench                          # GPU if present, else CPU
@@ -13,6 +14,7 @@ batch 1 (benchmark-protocol.md).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import math
 import time
@@ -20,13 +22,13 @@ import time
 import torch
 
 from ghostkernels.benchmark import Row, machine_description, time_ms, write_outputs
-from ghostkernels import backend_for, use_backend
+from ghostkernels import backend_for, tune, tuning, use_backend
 
 MODELS = {"r18": ("RT-DETR-R18", "rtdetr_r18vd"),
           "ghost100": ("RT-DETR-GhostNetV3-1.0", "rtdetr_ghostnetv3_100"),
           "ghost130": ("RT-DETR-GhostNetV3-1.3", "rtdetr_ghostnetv3_130")}
 MODES = ("unfolded eager", "folded eager", "folded + fused", "folded + fused + CUDA graph",
-         "torch.compile")
+         "folded + fused + tuned", "folded + fused + tuned + CUDA graph", "torch.compile")
 BASELINE = "unfolded eager"
 OPS = ("ms_deform_attn", "ghost_conv", "depthwise_conv", "dfc_gate", "se_excitation")
 # Official RT-DETRv2-R18 after deploy(), model forward at 640x640, batch 1, on the 2-core
@@ -84,6 +86,16 @@ def _run_fused_mode(mode, model, postprocessor, images, sizes, device, cpu_runs,
         detector = EndToEndDetector(model, postprocessor)
         with torch.no_grad():
             return time_ms(lambda: detector(images, sizes), device, cpu_runs), note
+    if mode.startswith("folded + fused + tuned"):
+        tuning.clear()
+        try:
+            entries = tune(EndToEndDetector(model, postprocessor), images, sizes)
+            picked = collections.Counter(f"{e.op}={e.backend}" for e in entries)
+            ms, _ = _run_fused_mode(mode.replace(" + tuned", ""), model, postprocessor, images,
+                                    sizes, device, cpu_runs, compile_backend, note)
+        finally:
+            tuning.clear()
+        return ms, "tuned: " + ", ".join(f"{k} x{n}" for k, n in sorted(picked.items()))
     if mode == "folded + fused + CUDA graph":
         graphed = CudaGraphDetector(model, images.shape[0], images.shape[2], images.shape[3],
                                     images.dtype, postprocessor=postprocessor,

@@ -55,9 +55,9 @@ def _depthwise_conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return _empty_output(x, kh, kw, stride)
     fmt = output_memory_format(x)
     x = x.detach().contiguous(memory_format=fmt)
-    impl = backends.resolve(OP, x.device, x.dtype)
-    y = impl.forward(x, weight.detach().contiguous(), bias.detach().contiguous(), int(kh),
-                     int(kw), int(stride), bool(relu))
+    args = (x, weight.detach().contiguous(), bias.detach().contiguous(), int(kh), int(kw),
+            int(stride), bool(relu))
+    y = backends.resolve(OP, x.device, x.dtype, args).forward(*args)
     return in_memory_format(y.to(x.dtype), fmt)
 
 

@@ -57,9 +57,8 @@ def _dfc_gate_impl(x: torch.Tensor, w_proj: torch.Tensor, b_proj: torch.Tensor, 
         return _empty_output(x, w_proj.shape[0])
     fmt = output_memory_format(x)
     x = x.detach().contiguous(memory_format=fmt)
-    impl = backends.resolve(OP, x.device, x.dtype)
-    params = (t.detach().contiguous() for t in (w_proj, b_proj, w_h, b_h, w_v, b_v))
-    gate = impl.forward(x, *params)
+    args = (x, *(t.detach().contiguous() for t in (w_proj, b_proj, w_h, b_h, w_v, b_v)))
+    gate = backends.resolve(OP, x.device, x.dtype, args).forward(*args)
     return in_memory_format(gate.to(x.dtype), fmt)
 
 

@@ -78,15 +78,15 @@ def _ghost_conv_impl(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.
         return _empty_output(x, out_channels)
     fmt = reference.output_memory_format(x)
     x = x.detach().contiguous(memory_format=fmt)
-    impl = backends.resolve(OP, x.device, x.dtype)
     w_primary, b_primary, w_cheap, b_cheap = (t.detach().contiguous() for t in (
         w_primary, b_primary, w_cheap, b_cheap))
     if input_scale is not None:
         input_scale = input_scale.detach().contiguous()
     gate, residual = (None if t is None else t.detach().contiguous(memory_format=fmt)
                       for t in (gate, residual))
-    y = impl.forward(x, w_primary, b_primary, w_cheap, b_cheap, bool(relu_primary),
-                     bool(relu_cheap), int(out_channels), input_scale, gate, residual)
+    args = (x, w_primary, b_primary, w_cheap, b_cheap, bool(relu_primary), bool(relu_cheap),
+            int(out_channels), input_scale, gate, residual)
+    y = backends.resolve(OP, x.device, x.dtype, args).forward(*args)
     return in_memory_format(y.to(x.dtype), fmt)
 
 

@@ -94,9 +94,10 @@ def _ms_deform_attn_impl(value: torch.Tensor, spatial_shapes: torch.Tensor,
     Lq = sampling_locations.shape[1]
     if N * Lq * M * D == 0:
         return value.new_zeros(N, Lq, M * D)
-    impl = backends.resolve(OP, value.device, value.dtype)
-    out = impl.forward(*_kernel_inputs(value, spatial_shapes, level_start_index,
-                                       sampling_locations, attention_weights), softmax=softmax)
+    args = _kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                          attention_weights)
+    kwargs = {"softmax": softmax}
+    out = backends.resolve(OP, value.device, value.dtype, args, kwargs).forward(*args, **kwargs)
     return out.to(value.dtype)
 
 

@@ -41,9 +41,8 @@ def _se_excitation_impl(pooled: torch.Tensor, w_reduce: torch.Tensor, b_reduce: 
                         w_expand: torch.Tensor, b_expand: torch.Tensor) -> torch.Tensor:
     if pooled.numel() == 0:
         return torch.empty_like(pooled, memory_format=torch.contiguous_format)
-    impl = backends.resolve(OP, pooled.device, pooled.dtype)
-    args = (t.detach().contiguous() for t in (pooled, w_reduce, b_reduce, w_expand, b_expand))
-    return impl.forward(*args).to(pooled.dtype)
+    args = tuple(t.detach().contiguous() for t in (pooled, w_reduce, b_reduce, w_expand, b_expand))
+    return backends.resolve(OP, pooled.device, pooled.dtype, args).forward(*args).to(pooled.dtype)
 
 
 _se_excitation = torch.library.custom_op("ghostkernels::se_excitation", mutates_args=())(

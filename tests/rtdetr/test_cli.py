@@ -75,3 +75,17 @@ def test_train_eval_predict_end_to_end(tmp_path, capsys):
     assert det["name"] in ("circle", "square", "triangle") and len(det["box_xyxy"]) == 4
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         cli.main(["predict", "--checkpoint", str(out / "last.pth"), "--images", "nope.png"])
+
+
+def test_bench_tuned_mode_tunes_then_clears(tmp_path):
+    """`rtdetr bench`'s "folded + fused + tuned" row: the detector runs after ghostkernels.tune
+    (the note lists the choices) and the tuning is gone afterwards."""
+    from ghostkernels import backends
+    from rtdetr import benchmark
+    assert benchmark.main(["--device", "cpu", "--models", "ghost100", "--size", "160", "--quick",
+                           "--modes", "folded + fused + tuned", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "detector.json").read_text())["rows"]
+    assert row["implementation"] == "folded + fused + tuned" and row["ms"] > 0
+    assert row["note"].startswith("tuned: ") and "ghost_conv=" in row["note"]
+    assert "ms_deform_attn=" in row["note"]
+    assert not backends._TUNED

@@ -1,0 +1,147 @@
+"""Backend choice measured per call shape on this machine (opt-in): ``ghostkernels.tune``.
+
+The automatic choice is one order of backends per op and device type, measured once on one card
+(BENCHMARKS.md). Which kernel is fastest differs by shape (cuDNN's convolutions win some Ghost
+shapes at batch 1, the fused kernels others), by batch and by card. ``tune(fn, *args)`` runs
+``fn(*args)`` once (under ``torch.no_grad``) with the automatic choice, recording the first call
+of every ghostkernels op shape it makes; then runs each recorded call on every backend that can
+run it, checks the result against the reference backend's, times it, and installs the fastest as
+the automatic choice for calls of that op with that shape (``backends.call_key``: the tensors'
+shapes and layouts, the other arguments' values), dtype and device type. Afterwards ``fn`` and
+anything else making those calls run on the measured winners; ``use_backend`` and
+``prefer_backend`` still override. Typical use: once after building and folding a model, before
+capturing it in a CUDA graph (the choice is made on the host, so graphs capture the tuned kernels).
+
+Only the forward kernels are tuned (the deployment path); backward kernels keep the automatic
+order. Under torch.compile the custom ops run their tuned choice too; only the decision to trace
+an op whose automatic choice is the reference as plain PyTorch ops (so that inductor can fuse
+them) is made from the automatic order, when the graph is traced.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ghostkernels import backends
+
+# Relative error (in the Frobenius norm) a backend's output may have against the reference
+# backend's on the same inputs: both carry the dtype's rounding, so this is about twice the
+# per-backend tolerance of the tests (tests/backend_params.py).
+AGREEMENT = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3,
+             torch.bfloat16: 4e-2}
+
+
+@dataclass
+class TunedCall:
+    """One measured call shape: the backend installed, each candidate's time, and why any
+    candidate was not considered."""
+    op: str
+    device_type: str
+    dtype: torch.dtype
+    key: tuple
+    backend: str = ""
+    ms: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        times = ", ".join(f"{b} {t:.4f}" for b, t in sorted(self.ms.items(), key=lambda i: i[1]))
+        skipped = "; ".join(f"{b}: {why[:60]}" for b, why in self.rejected.items())
+        dtype = str(self.dtype).replace("torch.", "")
+        return (f"{self.op} {dtype} {self.key}: {self.backend} ({times} ms)"
+                + (f"; not used: {skipped}" if skipped else ""))
+
+
+def _outputs(result) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    return [t for t in result if isinstance(t, torch.Tensor)]
+
+
+def _disagreement(out, expected) -> float:
+    worst = 0.0
+    for o, e in zip(_outputs(out), _outputs(expected)):
+        o, e = o.detach().double().cpu(), e.detach().double().cpu()
+        if o.shape != e.shape:
+            return float("inf")
+        worst = max(worst, float((o - e).norm() / e.norm().clamp_min(1e-30)))
+    return worst
+
+
+def _time_ms(call, device_type: str, repeats: int, warmup: int) -> float:
+    """Median milliseconds of one ``call()`` over ``repeats`` single-call measurements (CUDA
+    events on a GPU: the GPU time of the call, host launch gaps included when the host is
+    slower than the kernels)."""
+    for _ in range(warmup):
+        call()
+    times = []
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def tune(fn, *args, candidates=backends.BACKENDS, repeats: int = 10, warmup: int = 2,
+         **kwargs) -> list[TunedCall]:
+    """Measure every backend on every op call shape ``fn(*args, **kwargs)`` makes and install
+    the fastest that agrees with the reference backend (module docstring). ``candidates``: the
+    backends to consider (those that cannot run a call are skipped). Returns one
+    :class:`TunedCall` per call shape. Tuning again re-measures and replaces those entries.
+    Triton on CPU tensors (its interpreter) is never a candidate."""
+    bad = [b for b in candidates if b not in backends.BACKENDS]
+    if bad:
+        raise ValueError(f"candidates must be among {backends.BACKENDS}, got {bad}")
+    with backends.recording_calls() as calls, torch.no_grad():
+        fn(*args, **kwargs)
+    results = []
+    for (op, device_type, dtype, key), (call_args, call_kwargs) in calls.items():
+        entry = TunedCall(op, device_type, dtype, key)
+        modules = {}
+        for backend in candidates:
+            why = backends._supports(op, backend, device_type, dtype)
+            if not why and backend == "triton" and device_type == "cpu":
+                why = "the Triton interpreter (TRITON_INTERPRET=1) is a correctness tool: not timed"
+            if why:
+                entry.rejected[backend] = why
+            else:
+                modules[backend] = backends.implementations(op)[backend].load()
+        with torch.no_grad():
+            expected = modules["reference"].forward(*call_args, **call_kwargs) \
+                if "reference" in modules else None
+            for backend, module in modules.items():
+                def call(module=module):
+                    return module.forward(*call_args, **call_kwargs)
+                try:
+                    out = call()
+                except Exception as exc:  # noqa: BLE001 - a failing kernel is reported, not fatal
+                    entry.rejected[backend] = f"{type(exc).__name__}: {exc}"
+                    continue
+                if expected is not None and backend != "reference":
+                    err = _disagreement(out, expected)
+                    if not err <= AGREEMENT.get(dtype, 1e-4):
+                        entry.rejected[backend] = f"disagrees with the reference ({err:.2e})"
+                        continue
+                entry.ms[backend] = _time_ms(call, device_type, repeats, warmup)
+        if entry.ms:
+            entry.backend = min(entry.ms, key=entry.ms.get)
+            backends.install_tuned(op, device_type, dtype, key, entry.backend)
+        results.append(entry)
+    return results
+
+
+def clear() -> None:
+    """Back to the automatic order for every call shape (forget what :func:`tune` installed)."""
+    backends.clear_tuned()

@@ -1,0 +1,137 @@
+"""ghostkernels.tune: the backend choice measured per call shape (ghostkernels/tuning.py), on the
+CPU backends (C++ and reference; the mechanism is the same on a GPU, with more candidates). The
+Triton interpreter, a candidate on CPU tensors under TRITON_INTERPRET=1, is left out (slow)."""
+import pytest
+import torch
+
+import ghostkernels
+from ghostkernels import backends, tuning
+from tests.backend_params import require
+
+CPU = ("reference", "cpu", "cuda")  # cuda: a candidate that cannot run CPU tensors
+
+
+@pytest.fixture(autouse=True)
+def _no_tuning_left_over(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    tuning.clear()
+    yield
+    tuning.clear()
+
+
+def ghost_args(B=2, Cin=8, C1=6, H=9, W=7):
+    x = torch.randn(B, Cin, H, W).to(memory_format=torch.channels_last)
+    return (x, torch.randn(C1, Cin, 1, 1) / Cin ** 0.5, torch.randn(C1), torch.randn(C1, 1, 3, 3),
+            torch.randn(C1))
+
+
+def ghost(args, out_channels=12):
+    return ghostkernels.ghost_conv(*args, "relu", "relu", out_channels)
+
+
+class CountingForward:
+    """Wraps a backend module's forward, counting its calls."""
+
+    def __init__(self, monkeypatch, op, backend):
+        self.module = backends.implementations(op)[backend].load()
+        self.inner, self.calls = self.module.forward, 0
+        monkeypatch.setattr(self.module, "forward", self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+def fake_times(monkeypatch, ms_by_backend):
+    """Make _time_ms report fixed times per backend (the module whose forward is timed)."""
+    def fake(call, device_type, repeats, warmup):
+        module = call.__defaults__[0]
+        for backend, ms in ms_by_backend.items():
+            if backends.implementations("ghost_conv")[backend].load() is module:
+                return ms
+        return 99.0
+    monkeypatch.setattr(tuning, "_time_ms", fake)
+
+
+def test_the_measured_winner_runs_that_shape_only(monkeypatch):
+    require("cpu", "ghost_conv", torch.float32)
+    args, other = ghost_args(), ghost_args(H=5)
+    assert backends.select("ghost_conv", torch.device("cpu"), torch.float32) == "cpu"
+    fake_times(monkeypatch, {"cpu": 2.0, "reference": 1.0})
+    (entry,) = ghostkernels.tune(ghost, args, candidates=CPU)
+    assert (entry.op, entry.backend, entry.ms) == ("ghost_conv", "reference",
+                                                   {"cpu": 2.0, "reference": 1.0})
+    assert "CUDA tensors only" in entry.rejected["cuda"]
+    cpu = CountingForward(monkeypatch, "ghost_conv", "cpu")
+    reference = CountingForward(monkeypatch, "ghost_conv", "reference")
+    tuned_out = ghost(args)
+    assert (reference.calls, cpu.calls) == (1, 0)
+    ghost(other)  # another shape: the automatic order
+    assert (reference.calls, cpu.calls) == (1, 1)
+    ghost(args, out_channels=11)  # another non-tensor argument: another call shape
+    assert (reference.calls, cpu.calls) == (1, 2)
+    with ghostkernels.use_backend("cpu"):  # forcing still wins
+        forced_out = ghost(args)
+    assert (reference.calls, cpu.calls) == (1, 3)
+    torch.testing.assert_close(tuned_out, forced_out, rtol=1e-5, atol=1e-5)
+    tuning.clear()
+    ghost(args)
+    assert (reference.calls, cpu.calls) == (1, 4)
+
+
+def test_a_backend_that_disagrees_with_the_reference_is_not_installed(monkeypatch):
+    require("cpu", "ghost_conv", torch.float32)
+    cpu = backends.implementations("ghost_conv")["cpu"].load()
+    inner = cpu.forward
+    monkeypatch.setattr(cpu, "forward", lambda *a, **k: inner(*a, **k) * 1.01)
+    fake_times(monkeypatch, {"cpu": 1.0, "reference": 2.0})  # the wrong one is "faster"
+    (entry,) = ghostkernels.tune(ghost, ghost_args(), candidates=CPU)
+    assert entry.backend == "reference"
+    assert "disagrees with the reference" in entry.rejected["cpu"]
+
+
+def test_a_failing_backend_is_reported_not_fatal(monkeypatch):
+    require("cpu", "ghost_conv", torch.float32)
+    cpu = backends.implementations("ghost_conv")["cpu"].load()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+    monkeypatch.setattr(cpu, "forward", broken)
+    # the recording run uses the automatic order: the reference first, so that it succeeds
+    monkeypatch.setitem(backends._OP_AUTO_ORDER, ("ghost_conv", "cpu"), ("reference", "cpu"))
+    (entry,) = ghostkernels.tune(ghost, ghost_args(), candidates=CPU)
+    assert entry.backend == "reference" and "kernel exploded" in entry.rejected["cpu"]
+
+
+def test_every_op_shape_of_a_folded_backbone_is_tuned_and_outputs_stay(monkeypatch):
+    require("cpu", "ghost_conv", torch.float32)
+    from rtdetr.models.backbone.ghostnetv3 import GhostNetV3
+    torch.manual_seed(0)
+    net = GhostNetV3(width=0.5).eval()
+    net.reparameterize(use_fused_ops=True)
+    x = torch.randn(1, 3, 64, 96).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        before = net(x)
+    entries = ghostkernels.tune(net, x, candidates=CPU, repeats=2, warmup=1)
+    ops = {e.op for e in entries}
+    assert {"ghost_conv", "depthwise_conv"} <= ops, ops
+    assert all(e.backend in e.ms and e.ms[e.backend] == min(e.ms.values()) for e in entries)
+    assert len(backends._TUNED) == len({(e.op, e.dtype, e.key) for e in entries})
+    with torch.no_grad():
+        after = net(x)
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_tune_refuses_unknown_backends_and_nesting():
+    with pytest.raises(ValueError, match="candidates must be among"):
+        ghostkernels.tune(lambda: None, candidates=("fast",))
+    with pytest.raises(RuntimeError, match="already recording"):
+        ghostkernels.tune(lambda: ghostkernels.tune(lambda: None))
+
+
+def test_the_triton_interpreter_is_never_timed():
+    (entry,) = ghostkernels.tune(ghost, ghost_args())
+    assert "triton" not in entry.ms and "triton" in entry.rejected
+    if backends.triton_interpret():
+        assert "correctness tool" in entry.rejected["triton"]
