@@ -11,6 +11,7 @@ shapes and layouts, the other arguments' values), dtype and device type. Afterwa
 anything else making those calls run on the measured winners; ``use_backend`` and
 ``prefer_backend`` still override. Typical use: once after building and folding a model, before
 capturing it in a CUDA graph (the choice is made on the host, so graphs capture the tuned kernels).
+:func:`save` and :func:`load` keep the choices across processes (per device name).
 
 Only the forward kernels are tuned (the deployment path); backward kernels keep the automatic
 order. Under torch.compile the custom ops run their tuned choice too; only the decision to trace
@@ -19,6 +20,9 @@ them) is made from the automatic order, when the graph is traced.
 """
 from __future__ import annotations
 
+import json
+import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -145,3 +149,53 @@ def tune(fn, *args, candidates=backends.BACKENDS, repeats: int = 10, warmup: int
 def clear() -> None:
     """Back to the automatic order for every call shape (forget what :func:`tune` installed)."""
     backends.clear_tuned()
+
+
+def _device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    return platform.processor() or platform.machine()
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def save(path) -> int:
+    """Write the installed per-shape choices to ``path`` (JSON, with the device each was measured
+    on), e.g. once after :func:`tune`, so a serving process can :func:`load` them instead of
+    measuring again. Returns how many were written; the file is replaced atomically."""
+    entries = [{"op": op, "device_type": device_type, "device": _device_name(device_type),
+                "dtype": str(dtype).replace("torch.", ""), "key": key, "backend": backend}
+               for (op, device_type, dtype, key), backend in backends._TUNED.items()]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"format": "ghostkernels-tuning-1", "entries": entries}, f, indent=1)
+    os.replace(tmp, path)
+    return len(entries)
+
+
+def load(path, any_device: bool = False) -> int:
+    """Install the choices :func:`save` wrote to ``path``; returns how many. Choices measured on
+    another device (by name) are refused with a ValueError unless ``any_device``: the fastest
+    kernel differs between cards."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("format") != "ghostkernels-tuning-1":
+            raise ValueError(f"format {data.get('format')!r}, expected 'ghostkernels-tuning-1'")
+        entries = [(e["op"], e["device_type"], e["device"], getattr(torch, e["dtype"]),
+                    _as_tuple(e["key"]), e["backend"]) for e in data["entries"]]
+        if not all(isinstance(e[3], torch.dtype) for e in entries):
+            raise ValueError("an entry's dtype is not a torch dtype")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a ghostkernels tuning file ({type(exc).__name__}: "
+                         f"{exc})") from exc
+    for op, device_type, device, dtype, key, backend in entries:
+        if not any_device and device != _device_name(device_type):
+            raise ValueError(f"{path}: measured on {device!r}, this {device_type} device is "
+                             f"{_device_name(device_type)!r} (pass any_device=True to use it)")
+        if op not in backends._REGISTRY:
+            raise ValueError(f"{path}: unknown op {op!r}")
+        backends.install_tuned(op, device_type, dtype, key, backend)
+    return len(entries)

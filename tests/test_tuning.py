@@ -135,3 +135,41 @@ def test_the_triton_interpreter_is_never_timed():
     assert "triton" not in entry.ms and "triton" in entry.rejected
     if backends.triton_interpret():
         assert "correctness tool" in entry.rejected["triton"]
+
+
+def test_saved_choices_load_in_another_process_on_the_same_device(tmp_path):
+    args = ghost_args()
+    ghostkernels.tune(ghost, args, candidates=CPU)
+    ghostkernels.tune(lambda: ghostkernels.depthwise_conv(args[0], torch.randn(8, 1, 3, 3),
+                                                          torch.randn(8), 2, "relu"),
+                      candidates=CPU)
+    installed = dict(backends._TUNED)
+    assert len(installed) == 2
+    path = tmp_path / "tuning.json"
+    assert tuning.save(path) == 2
+    tuning.clear()
+    assert tuning.load(path) == 2
+    assert backends._TUNED == installed  # keys come back as the same tuples and dtypes
+
+
+def test_loading_refuses_another_device_and_corrupt_files(tmp_path):
+    import json
+    ghostkernels.tune(ghost, ghost_args(), candidates=CPU)
+    path = tmp_path / "tuning.json"
+    tuning.save(path)
+    data = json.loads(path.read_text())
+    data["entries"][0]["device"] = "some other card"
+    path.write_text(json.dumps(data))
+    tuning.clear()
+    with pytest.raises(ValueError, match="measured on 'some other card'"):
+        tuning.load(path)
+    assert not backends._TUNED
+    assert tuning.load(path, any_device=True) == 1
+    for text in ("{", '{"format": "other"}', '{"format": "ghostkernels-tuning-1", "entries": '
+                 '[{"op": "ghost_conv", "device_type": "cpu", "device": "x", "dtype": "nn", '
+                 '"key": [], "backend": "cpu"}]}'):
+        path.write_text(text)
+        with pytest.raises(ValueError, match="not a ghostkernels tuning file"):
+            tuning.load(path, any_device=True)
+    with pytest.raises(ValueError, match="not a ghostkernels tuning file"):
+        tuning.load(tmp_path / "missing.json")
