@@ -107,6 +107,25 @@ struct Tiling {
   int rows;
 };
 
+// The tiled kernels' view of the arguments: typed pointers and 32-bit sizes (the launcher checks
+// that every offset fits).
+template <typename T>
+struct View32 {
+  const T* x;
+  const T* weight;
+  const T* bias;
+  T* y;
+  int C, H, W, Ho, Wo;
+};
+
+template <typename T>
+__device__ __forceinline__ View32<T> view32(const DepthwiseConvArgs& a) {
+  return {static_cast<const T*>(a.x), static_cast<const T*>(a.weight),
+          static_cast<const T*>(a.bias), static_cast<T*>(a.y), static_cast<int>(a.channels),
+          static_cast<int>(a.height), static_cast<int>(a.width), static_cast<int>(a.out_height),
+          static_cast<int>(a.out_width)};
+}
+
 // ------------------------------------------------------------------------------------------------
 // channels_last, compile-time taps
 
@@ -125,13 +144,7 @@ __global__ void __launch_bounds__(kThreads)
   const int strip = rest % t.strips;
   const int b = rest / t.strips;
 
-  const T* x = static_cast<const T*>(a.x);
-  const T* weight = static_cast<const T*>(a.weight);
-  const T* bias = static_cast<const T*>(a.bias);
-  T* y = static_cast<T*>(a.y);
-  const int C = static_cast<int>(a.channels), H = static_cast<int>(a.height);
-  const int W = static_cast<int>(a.width), Ho = static_cast<int>(a.out_height);
-  const int Wo = static_cast<int>(a.out_width);
+  const auto [x, weight, bias, y, C, H, W, Ho, Wo] = view32<T>(a);
   const int c0 = cg * V;
 
   float w[KH][KW][V];
@@ -229,13 +242,7 @@ __global__ void __launch_bounds__(kThreads)
   const int strip = rest % t.strips;
   const int plane = rest / t.strips;  // b * C + c
 
-  const T* x = static_cast<const T*>(a.x);
-  const T* weight = static_cast<const T*>(a.weight);
-  const T* bias = static_cast<const T*>(a.bias);
-  T* y = static_cast<T*>(a.y);
-  const int C = static_cast<int>(a.channels), H = static_cast<int>(a.height);
-  const int W = static_cast<int>(a.width), Ho = static_cast<int>(a.out_height);
-  const int Wo = static_cast<int>(a.out_width);
+  const auto [x, weight, bias, y, C, H, W, Ho, Wo] = view32<T>(a);
   const int c = plane % C;
 
   float w[KH][KW];
