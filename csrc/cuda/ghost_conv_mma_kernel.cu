@@ -282,6 +282,11 @@ __global__ void __launch_bounds__(kThreads, 3)
   using ALayout = typename std::conditional<kCL, wmma::row_major, wmma::col_major>::type;
   wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> fa;
   wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+  __syncthreads();  // the bias tile is complete
+#pragma unroll
+  for (int j = 0; j < kNFrags; ++j)
+    if (j < nfrags)
+      wmma::load_matrix_sync(acc[j], bias_tile + j * 16, kBiasRow, wmma::mem_row_major);
   for (int k0 = 0; k0 < Cin; k0 += kKC) {
     const int kn = Cin - k0 < kKC ? Cin - k0 : kKC;
     const int kpad = (kn + 15) / 16 * 16;
@@ -303,12 +308,6 @@ __global__ void __launch_bounds__(kThreads, 3)
       ws[n * kWRow + k] = v;
     }
     __syncthreads();
-    if (k0 == 0) {
-#pragma unroll
-      for (int j = 0; j < kNFrags; ++j)
-        if (j < nfrags)
-          wmma::load_matrix_sync(acc[j], bias_tile + j * 16, kBiasRow, wmma::mem_row_major);
-    }
     for (int s = 0; s < kpad / 16; ++s) {
       const T* pa = kCL ? xs + warp * 16 * kXRowCL + s * 16 : xs + s * 16 * kXRowNCHW + warp * 16;
       wmma::load_matrix_sync(fa, pa, kCL ? kXRowCL : kXRowNCHW);
