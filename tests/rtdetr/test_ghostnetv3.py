@@ -12,7 +12,7 @@ from torch import nn
 import ghostkernels
 from ghostkernels import use_backend
 from rtdetr.models.backbone.ghostnetv3 import IMAGENET_MEAN, IMAGENET_STD, GhostNetV3
-from rtdetr.models.backbone.ghostnetv3_blocks import GhostBottleneckV3, SqueezeExcite
+from rtdetr.models.backbone.ghostnetv3_blocks import GhostBottleneckV3, SqueezeExcite, conv_relu
 from tests.rtdetr.detector_cases import randomize_bn
 from tests.backend_params import backend_params, rel_err, require
 
@@ -290,6 +290,38 @@ def test_fused_ops_auto_mode_runs_plain_convs_on_the_cpu(monkeypatch):
             net.use_fused_ops = bad
     with pytest.raises(ValueError, match="needs a folded model"):
         GhostNetV3(width=0.5).use_fused_ops = "auto"
+
+
+def test_fused_stem_normalises_in_one_pass():
+    """Fused, the input normalisation is one addcmul (x / std - mean / std) instead of a sub and
+    a div, with the same values; the stem's conv + ReLU stay two ops on the CPU."""
+    from ghostkernels.benchmark import count_ops
+    net = _folded_pair()
+    x = torch.rand(2, 3, 64, 48)
+    with torch.no_grad():
+        plain_ops = count_ops(lambda: net._stem(x))
+        plain = net._stem(x)
+        net.use_fused_ops = True
+        assert count_ops(lambda: net._stem(x)) == plain_ops - 1 == 3
+        assert rel_err(net._stem(x), plain) < 1e-6
+        manual = torch.relu(net.conv_stem((x - net.mean) / net.std))
+    assert rel_err(plain, manual) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_conv_relu_is_one_cudnn_call_on_gpu(dtype):
+    from ghostkernels.benchmark import count_ops
+    conv = nn.Conv2d(16, 24, 3, 2, 1).cuda().to(dtype)
+    x = torch.randn(2, 16, 33, 47, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused, plain = conv_relu(conv, x), torch.relu(conv(x))
+        ops = count_ops(lambda: conv_relu(conv, x))
+    assert ops == (2 if dtype == torch.bfloat16 else 1)  # bf16: the plain pair
+    assert fused.shape == plain.shape and fused.dtype == dtype
+    assert rel_err(fused, plain) < 2e-3  # both cuDNN (float32 may use TF32 in either)
+    with torch.enable_grad():  # autograd: the plain pair, which has a backward
+        assert count_ops(lambda: conv_relu(conv, x.requires_grad_())) == 2
 
 
 @pytest.mark.gpu

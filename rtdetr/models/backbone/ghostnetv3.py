@@ -29,7 +29,7 @@ from torch import nn
 
 from ghostkernels import fold
 from rtdetr.models.backbone.ghostnetv3_blocks import (FUSED_OPS_MODES, GhostBottleneckV3,
-                                                      make_divisible)
+                                                      conv_relu, make_divisible, runs_fused)
 
 # [kernel, expansion, out, se_ratio, stride] per bottleneck; one inner list per blocks[i] (§2.1)
 STAGES = (
@@ -59,8 +59,11 @@ class ConvBnAct(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_ch)
+        self.use_fused_ops = False  # set by GhostNetV3.use_fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_fused(isinstance(self.bn1, nn.Identity), self.use_fused_ops, x):
+            return conv_relu(self.conv, x)
         return F.relu(self.bn1(self.conv(x)))
 
     @torch.no_grad()
@@ -100,6 +103,9 @@ class GhostNetV3(nn.Module):
         self.drop_rate = drop_rate
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # the same as x * (1 / std) + (-mean / std): one pass (addcmul) on the fused path
+        self.register_buffer("norm_scale", 1 / self.std, persistent=False)
+        self.register_buffer("norm_shift", -self.mean / self.std, persistent=False)
 
         stem_ch = make_divisible(16 * width, 4)
         self.conv_stem = nn.Conv2d(in_channels, stem_ch, 3, 2, 1, bias=False)
@@ -156,8 +162,14 @@ class GhostNetV3(nn.Module):
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        fused = runs_fused(self.deployed, self._use_fused_ops, x)
         if self.normalize_input:
-            x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+            if fused:  # one pass over the images instead of two
+                x = torch.addcmul(self.norm_shift.to(x.dtype), x, self.norm_scale.to(x.dtype))
+            else:
+                x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        if fused and isinstance(self.bn1, nn.Identity):
+            return conv_relu(self.conv_stem, x)
         return F.relu(self.bn1(self.conv_stem(x)))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -199,6 +211,8 @@ class GhostNetV3(nn.Module):
         for m in self.modules():
             if isinstance(m, GhostBottleneckV3):
                 m.set_fused_ops(mode)
+            elif isinstance(m, ConvBnAct):
+                m.use_fused_ops = mode
 
     @torch.no_grad()
     def reparameterize(self, use_fused_ops: bool | str = "auto", fold_all_bn: bool = True
