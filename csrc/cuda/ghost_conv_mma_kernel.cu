@@ -19,9 +19,10 @@
 //      chunk buffers; border tiles zero the pixels outside the image (the depthwise padding).
 //   3. for each interior (pixel, channel): x1 to y[:, c], and the 3x3 depthwise (weights and bias
 //      staged once in shared memory) + bias + act to y[:, C1 + c], each times its gate value plus
-//      its residual value when those are given. channels_last: a thread owns two adjacent
-//      channels (4-byte loads and stores) when the channel counts and pointers are even-aligned;
-//      NCHW: pixel-fastest, so writes along W are coalesced.
+//      its residual value when those are given. channels_last with even channel counts and
+//      pointers: warp r sweeps output row r, lane j owning channels 2j, 2j+1 (taps in registers,
+//      4-byte stores, each x1 pair read once per column); otherwise one item per (pixel,
+//      channel), channel-fastest (channels_last) or pixel-fastest (NCHW: coalesced along W).
 // x1 is kept in float from the accumulator to the depthwise conv: one rounding per output, as in
 // the other backends. The halo costs 160/112 = 1.43x the 1x1 work (cheap on tensor cores) and as
 // much re-reading of x, mostly from L2. Static shared memory: 46 KB; 3 blocks (30 warps) per SM.
