@@ -33,8 +33,10 @@ from ghostkernels import backends
 
 # Relative error (in the Frobenius norm) a backend's output may have against the reference
 # backend's on the same inputs: both carry the dtype's rounding, so this is about twice the
-# per-backend tolerance of the tests (tests/backend_params.py).
-AGREEMENT = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3,
+# per-backend tolerance of the tests (tests/backend_params.py); float32 allows for TF32, which
+# cuDNN's convolutions (the reference backend of the Ghost ops) use by default on a GPU. A
+# broken kernel is off by far more.
+AGREEMENT = {torch.float64: 1e-9, torch.float32: 2e-3, torch.float16: 5e-3,
              torch.bfloat16: 4e-2}
 
 

@@ -17,6 +17,8 @@ import copy
 import torch
 from torch import nn
 
+import ghostkernels
+
 
 def _require_module(name: str, module) -> None:
     if not isinstance(module, nn.Module):
@@ -82,12 +84,19 @@ class CudaGraphDetector:
     (``.clone()`` what you keep). The model must already be on the GPU in ``dtype`` and in eval
     mode (folded: ``model.deploy()``); it must be capture-safe after ``warmup`` calls (no host
     reads of device tensors, no host-to-device copies in its forward).
+
+    ``tune=True`` runs :func:`ghostkernels.tune` on the static input before the capture, so the
+    graph holds, per ghostkernels op call, the backend measured fastest on this device for that
+    shape (the measurements are in ``self.tuned``; the choices stay installed for later calls of
+    the same shapes until ``ghostkernels.tuning.clear()``).
     """
 
     def __init__(self, model: nn.Module, batch: int, height: int, width: int,
                  dtype: torch.dtype = torch.float16, postprocessor: nn.Module | None = None,
-                 channels_last: bool = False, warmup: int = 3):
+                 channels_last: bool = False, warmup: int = 3, tune: bool = False):
         _require_module("model", model)
+        if not isinstance(tune, bool):
+            raise TypeError(f"tune must be a bool, got {tune!r}")
         _positive_int("batch", batch)
         _positive_int("height", height)
         _positive_int("width", width)
@@ -113,6 +122,7 @@ class CudaGraphDetector:
         if postprocessor is not None:
             self.static_sizes = torch.tensor([[width, height]] * batch, dtype=torch.int64,
                                              device=self.device)
+        self.tuned = ghostkernels.tune(self._run) if tune else []
         self.graph = torch.cuda.CUDAGraph()
         self.outputs = self._capture(warmup)
 

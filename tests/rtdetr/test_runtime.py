@@ -2,6 +2,8 @@
 CUDA-graph capture and replay (GPU only); argument errors; capture-safety of the forward."""
 import pytest
 import torch
+
+import ghostkernels
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -69,7 +71,8 @@ def test_compile_rejects_training_mode_and_non_modules():
 
 @pytest.mark.parametrize("kwargs, error, name", [
     ({"batch": 0}, ValueError, "batch"), ({"height": -1}, ValueError, "height"),
-    ({"width": 64.0}, ValueError, "width"), ({"dtype": torch.int32}, TypeError, "dtype")])
+    ({"width": 64.0}, ValueError, "width"), ({"dtype": torch.int32}, TypeError, "dtype"),
+    ({"tune": "yes"}, TypeError, "tune")])
 def test_cuda_graph_argument_errors(kwargs, error, name):
     model, _ = _folded()
     args = {"batch": 1, "height": SIZE, "width": SIZE, "dtype": torch.float32, **kwargs}
@@ -110,11 +113,19 @@ def test_folded_forward_builds_no_tensors_from_host_data_after_warmup():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tune", [False, True], ids=["auto", "tuned"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-def test_cuda_graph_replay_equals_eager(dtype, tol):
+def test_cuda_graph_replay_equals_eager(dtype, tol, tune):
     model, postprocessor = _folded()
     model = model.cuda().to(dtype)
-    graphed = CudaGraphDetector(model, 2, SIZE, SIZE, dtype, postprocessor=postprocessor)
+    ghostkernels.tuning.clear()
+    graphed = CudaGraphDetector(model, 2, SIZE, SIZE, dtype, postprocessor=postprocessor,
+                                tune=tune)
+    assert bool(graphed.tuned) == tune
+    assert all(e.backend for e in graphed.tuned)
+    ghostkernels.tuning.clear()  # the graph keeps the tuned kernels; eager runs the automatic
+    if tune:  # other kernels than eager's (float32: cuDNN's convolutions may use TF32)
+        tol = max(tol, 2e-3)
     eager = EndToEndDetector(model, postprocessor)
     for _ in range(2):  # new inputs each time: the static buffers must be refilled
         images, sizes = _inputs(2, "cuda", dtype)
