@@ -4,8 +4,9 @@ Per model and batch: unfolded eager (training structure), folded eager, folded +
 folded + fused + CUDA graph (GPU only), folded + fused + tuned (+ CUDA graph, GPU only: after
 ``ghostkernels.tune``, every op call shape on the backend measured fastest on this machine),
 torch.compile (inductor, folded + fused). "Eager" rows run every ghostkernels op on its
-``reference`` backend (plain PyTorch); "fused" rows on the automatic choice (named in the note). Weights and inputs channels_last; GPU: fp16, batch 1 and 32; CPU: fp32,
-batch 1 (benchmark-protocol.md).
+``reference`` backend (plain PyTorch); "fused" rows on the automatic choice (named in the note).
+Weights and inputs channels_last; GPU: fp16, batch 1 and 32; CPU: fp32, batch 1
+(benchmark-protocol.md).
 
     rtdetr bench                          # GPU if present, else CPU
     rtdetr bench --device cpu --quick --out results/
