@@ -13,7 +13,6 @@ ResNet18-d: through layer4).
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
 import math
 
@@ -21,7 +20,6 @@ import torch
 
 from ghostkernels.benchmark import (Row, count_ops, cuda_graph_replay, machine_description,
                                     time_ms, write_outputs)
-import ghostkernels
 from ghostkernels import backends, tuning
 from rtdetr.models.backbone.ghostnetv3 import GhostNetV3
 
@@ -96,28 +94,24 @@ def time_tuned(fused, x, case, device, failures, notes) -> dict[str, float]:
     """The folded fused model after ``ghostkernels.tune`` on ``x`` (plain and, on a GPU, in a
     CUDA graph); prints every choice and notes how many op call shapes went to each backend."""
     name = "ghostnetv3 folded fused [tuned]"
-    tuning.clear()
+    timings = {}
     try:
-        choices = ghostkernels.tune(fused, x)
+        with tuning.tuned_for(fused, x) as choices:
+            print(f"ghostkernels.tune, {case}:")
+            for entry in choices:
+                print("  " + entry.describe())
+            with torch.inference_mode():
+                timings[name] = timed(lambda: fused(x), device, failures, name)
+            if device == "cuda":
+                with torch.no_grad():
+                    timings[name + " + CUDA graph"] = timed(
+                        lambda: cuda_graph_replay(lambda: fused(x)), device, failures,
+                        name + " + CUDA graph", replay=True)
     except Exception as exc:  # noqa: BLE001 - reported in the table
         failures[name] = f"tune failed: {type(exc).__name__}: {exc}"
         return {name: float("nan")}
-    print(f"ghostkernels.tune, {case}:")
-    for entry in choices:
-        print("  " + entry.describe())
-    picked = collections.Counter(f"{e.op}={e.backend}" for e in choices)
-    summary = "tuned: " + ", ".join(f"{k} x{n}" for k, n in sorted(picked.items()))
-    timings = {}
-    with torch.inference_mode():
-        timings[name] = timed(lambda: fused(x), device, failures, name)
-    if device == "cuda":
-        with torch.no_grad():
-            timings[name + " + CUDA graph"] = timed(
-                lambda: cuda_graph_replay(lambda: fused(x)), device, failures,
-                name + " + CUDA graph", replay=True)
     for n in timings:
-        notes[n] = summary
-    tuning.clear()
+        notes[n] = "tuned: " + tuning.summary(choices)
     return timings
 
 

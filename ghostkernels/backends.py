@@ -286,15 +286,12 @@ def select(op: str, device: torch.device, dtype: torch.dtype, key: tuple | None 
                 f"backend {forced!r} was requested for ghostkernels.{op} on {device_type} "
                 f"{str(dtype).replace('torch.', '')} tensors but cannot run it: {why}")
         return forced
+    # Automatic: the preferred backend, then the one measured for this call shape, then the order.
     preferred = getattr(_state, "preferred", None)
-    if preferred and not _supports(op, preferred[-1], device_type, dtype):
-        return preferred[-1]
-    if key is not None:
-        tuned = _TUNED.get((op, device_type, dtype, key))
-        if tuned is not None and not _supports(op, tuned, device_type, dtype):
-            return tuned
-    for backend in auto_order(op, device_type):
-        if not _supports(op, backend, device_type, dtype):
+    first = (preferred[-1] if preferred else None,
+             _TUNED.get((op, device_type, dtype, key)) if key is not None else None)
+    for backend in (*first, *auto_order(op, device_type)):
+        if backend is not None and not _supports(op, backend, device_type, dtype):
             return backend
     return "reference"
 

@@ -20,12 +20,16 @@ them) is made from the automatic order, when the graph is traced.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import json
 import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -125,9 +129,8 @@ def tune(fn, *args, candidates=backends.BACKENDS, repeats: int = 10, warmup: int
             else:
                 modules[backend] = backends.implementations(op)[backend].load()
         with torch.no_grad():
-            expected = modules["reference"].forward(*call_args, **call_kwargs) \
-                if "reference" in modules else None
-            for backend, module in modules.items():
+            expected = None  # the reference backend's output (it runs first: see below)
+            for backend, module in sorted(modules.items(), key=lambda m: m[0] != "reference"):
                 def call(module=module):
                     return module.forward(*call_args, **call_kwargs)
                 try:
@@ -135,7 +138,9 @@ def tune(fn, *args, candidates=backends.BACKENDS, repeats: int = 10, warmup: int
                 except Exception as exc:  # noqa: BLE001 - a failing kernel is reported, not fatal
                     entry.rejected[backend] = f"{type(exc).__name__}: {exc}"
                     continue
-                if expected is not None and backend != "reference":
+                if backend == "reference":
+                    expected = out
+                elif expected is not None:
                     err = _disagreement(out, expected)
                     if not err <= AGREEMENT.get(dtype, 1e-4):
                         entry.rejected[backend] = f"disagrees with the reference ({err:.2e})"
@@ -153,6 +158,26 @@ def clear() -> None:
     backends.clear_tuned()
 
 
+def summary(entries: list[TunedCall]) -> str:
+    """How many call shapes went to each backend, per op: ``"ghost_conv=cuda x12, ..."``."""
+    picked = collections.Counter(f"{e.op}={e.backend}" for e in entries if e.backend)
+    return ", ".join(f"{k} x{n}" for k, n in sorted(picked.items()))
+
+
+@contextlib.contextmanager
+def tuned_for(fn, *args, **kwargs) -> Iterator[list[TunedCall]]:
+    """:func:`tune` on ``fn(*args, **kwargs)`` for the duration of the block (yields its
+    entries); afterwards the choices installed before it are back, as they were."""
+    before = dict(backends._TUNED)
+    clear()
+    try:
+        yield tune(fn, *args, **kwargs)
+    finally:
+        clear()
+        backends._TUNED.update(before)
+
+
+@functools.lru_cache(maxsize=None)
 def _device_name(device_type: str) -> str:
     if device_type == "cuda":
         return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
@@ -193,11 +218,14 @@ def load(path, any_device: bool = False) -> int:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not a ghostkernels tuning file ({type(exc).__name__}: "
                          f"{exc})") from exc
-    for op, device_type, device, dtype, key, backend in entries:
+    for op, device_type, device, dtype, key, backend in entries:  # all checked before any is used
         if not any_device and device != _device_name(device_type):
             raise ValueError(f"{path}: measured on {device!r}, this {device_type} device is "
                              f"{_device_name(device_type)!r} (pass any_device=True to use it)")
         if op not in backends._REGISTRY:
             raise ValueError(f"{path}: unknown op {op!r}")
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"{path}: unknown backend {backend!r}")
+    for op, device_type, _, dtype, key, backend in entries:
         backends.install_tuned(op, device_type, dtype, key, backend)
     return len(entries)

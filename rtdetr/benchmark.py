@@ -15,7 +15,6 @@ Weights and inputs channels_last; GPU: fp16, batch 1 and 32; CPU: fp32, batch 1
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import math
 import time
@@ -23,7 +22,7 @@ import time
 import torch
 
 from ghostkernels.benchmark import Row, machine_description, time_ms, write_outputs
-from ghostkernels import backend_for, tune, tuning, use_backend
+from ghostkernels import backend_for, tuning, use_backend
 
 MODELS = {"r18": ("RT-DETR-R18", "rtdetr_r18vd"),
           "ghost100": ("RT-DETR-GhostNetV3-1.0", "rtdetr_ghostnetv3_100"),
@@ -88,15 +87,10 @@ def _run_fused_mode(mode, model, postprocessor, images, sizes, device, cpu_runs,
         with torch.no_grad():
             return time_ms(lambda: detector(images, sizes), device, cpu_runs), note
     if mode.startswith("folded + fused + tuned"):
-        tuning.clear()
-        try:
-            entries = tune(EndToEndDetector(model, postprocessor), images, sizes)
-            picked = collections.Counter(f"{e.op}={e.backend}" for e in entries)
+        with tuning.tuned_for(EndToEndDetector(model, postprocessor), images, sizes) as entries:
             ms, _ = _run_fused_mode(mode.replace(" + tuned", ""), model, postprocessor, images,
                                     sizes, device, cpu_runs, compile_backend, note)
-        finally:
-            tuning.clear()
-        return ms, "tuned: " + ", ".join(f"{k} x{n}" for k, n in sorted(picked.items()))
+        return ms, "tuned: " + tuning.summary(entries)
     if mode == "folded + fused + CUDA graph":
         graphed = CudaGraphDetector(model, images.shape[0], images.shape[2], images.shape[3],
                                     images.dtype, postprocessor=postprocessor,

@@ -173,3 +173,16 @@ def test_loading_refuses_another_device_and_corrupt_files(tmp_path):
             tuning.load(path, any_device=True)
     with pytest.raises(ValueError, match="not a ghostkernels tuning file"):
         tuning.load(tmp_path / "missing.json")
+
+
+def test_tuned_for_scopes_the_choices_and_summary_counts_them(monkeypatch):
+    require("cpu", "ghost_conv", torch.float32)
+    fake_times(monkeypatch, {"cpu": 2.0, "reference": 1.0})
+    args = ghost_args()
+    ghostkernels.tune(ghost, ghost_args(H=5), candidates=CPU)  # installed before the block
+    before = dict(backends._TUNED)
+    with tuning.tuned_for(ghost, args, candidates=CPU) as entries:
+        assert [e.backend for e in entries] == ["reference"]
+        assert len(backends._TUNED) == 1 and backends._TUNED != before  # only the block's
+        assert tuning.summary(entries + entries) == "ghost_conv=reference x2"
+    assert backends._TUNED == before

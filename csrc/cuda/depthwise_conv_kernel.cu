@@ -53,25 +53,19 @@ constexpr int kWeightRegs = 50;   // fp32 weight registers per thread (channels_
 constexpr int kAccRegs = 16;      // fp32 accumulators per thread (channels_last tiled)
 constexpr int kRunRegs = 100;     // register estimate bound of run_width
 
-// V contiguous elements moved as one access; callers guarantee the alignment.
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
 template <typename T, int V>
 __device__ __forceinline__ void load_vec(const T* src, float (&dst)[V]) {
-  const Pack<T, V> p = *reinterpret_cast<const Pack<T, V>*>(src);
+  const Vec<T, V> p = *reinterpret_cast<const Vec<T, V>*>(src);
 #pragma unroll
   for (int i = 0; i < V; ++i) dst[i] = to_float(p.v[i]);
 }
 
 template <typename T, int V>
 __device__ __forceinline__ void store_vec(T* dst, const float (&src)[V], bool relu) {
-  Pack<T, V> p;
+  Vec<T, V> p;
 #pragma unroll
   for (int i = 0; i < V; ++i) p.v[i] = from_float<T>(activate(src[i], relu));
-  *reinterpret_cast<Pack<T, V>*>(dst) = p;
+  *reinterpret_cast<Vec<T, V>*>(dst) = p;
 }
 
 // Channels per thread of the channels_last tiled kernel: at most 16 bytes, and at most
@@ -107,23 +101,23 @@ struct Tiling {
   int rows;
 };
 
-// The tiled kernels' view of the arguments: typed pointers and 32-bit sizes (the launcher checks
-// that every offset fits).
-template <typename T>
-struct View32 {
+// The kernels' view of the arguments: typed pointers and sizes as I (int for the tiled kernels,
+// whose launcher checks that every offset fits; int64_t for the generic ones).
+template <typename T, typename I>
+struct View {
   const T* x;
   const T* weight;
   const T* bias;
   T* y;
-  int C, H, W, Ho, Wo;
+  I C, H, W, Ho, Wo;
 };
 
-template <typename T>
-__device__ __forceinline__ View32<T> view32(const DepthwiseConvArgs& a) {
+template <typename T, typename I>
+__device__ __forceinline__ View<T, I> view(const DepthwiseConvArgs& a) {
   return {static_cast<const T*>(a.x), static_cast<const T*>(a.weight),
-          static_cast<const T*>(a.bias), static_cast<T*>(a.y), static_cast<int>(a.channels),
-          static_cast<int>(a.height), static_cast<int>(a.width), static_cast<int>(a.out_height),
-          static_cast<int>(a.out_width)};
+          static_cast<const T*>(a.bias), static_cast<T*>(a.y), static_cast<I>(a.channels),
+          static_cast<I>(a.height), static_cast<I>(a.width), static_cast<I>(a.out_height),
+          static_cast<I>(a.out_width)};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -144,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
   const int strip = rest % t.strips;
   const int b = rest / t.strips;
 
-  const auto [x, weight, bias, y, C, H, W, Ho, Wo] = view32<T>(a);
+  const auto [x, weight, bias, y, C, H, W, Ho, Wo] = view<T, int>(a);
   const int c0 = cg * V;
 
   float w[KH][KW][V];
@@ -242,7 +236,7 @@ __global__ void __launch_bounds__(kThreads)
   const int strip = rest % t.strips;
   const int plane = rest / t.strips;  // b * C + c
 
-  const auto [x, weight, bias, y, C, H, W, Ho, Wo] = view32<T>(a);
+  const auto [x, weight, bias, y, C, H, W, Ho, Wo] = view<T, int>(a);
   const int c = plane % C;
 
   float w[KH][KW];
@@ -296,13 +290,29 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------------------------------------------
 // Generic: runtime taps, 64-bit indices, grid-stride
 
+// tap(i, j, ih, iw) for every tap (i, j) of a kh x kw window whose top-left input pixel is
+// (ih0, iw0) and that lies inside the H x W image (the zero padding skips the others).
+template <typename F>
+__device__ __forceinline__ void for_each_tap(int kh, int kw, int64_t ih0, int64_t iw0, int64_t H,
+                                             int64_t W, F&& tap) {
+#pragma unroll
+  for (int i = 0; i < kMaxTaps; ++i) {
+    if (i >= kh) break;
+    const int64_t ih = ih0 + i;
+    if (ih < 0 || ih >= H) continue;
+#pragma unroll
+    for (int j = 0; j < kMaxTaps; ++j) {
+      if (j >= kw) break;
+      const int64_t iw = iw0 + j;
+      if (iw < 0 || iw >= W) continue;
+      tap(i, j, ih, iw);
+    }
+  }
+}
+
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) depthwise_nhwc_generic(DepthwiseConvArgs a) {
-  const T* x = static_cast<const T*>(a.x);
-  const T* weight = static_cast<const T*>(a.weight);
-  const T* bias = static_cast<const T*>(a.bias);
-  T* y = static_cast<T*>(a.y);
-  const int64_t C = a.channels, H = a.height, W = a.width, Ho = a.out_height, Wo = a.out_width;
+  const auto [x, weight, bias, y, C, H, W, Ho, Wo] = view<T, int64_t>(a);
   const int kh = a.kh, kw = a.kw, taps = kh * kw;
   const int64_t stride = a.stride;
   const int64_t groups = C / V;
@@ -317,34 +327,21 @@ __global__ void __launch_bounds__(kThreads) depthwise_nhwc_generic(DepthwiseConv
     float acc[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[v] = to_float(bias[c0 + v]);
+    for_each_tap(kh, kw, oh * stride - kh / 2, ow * stride - kw / 2, H, W,
+                 [&](int i, int j, int64_t ih, int64_t iw) {
+                   float xv[V];
+                   load_vec<T, V>(x + ((b * H + ih) * W + iw) * C + c0, xv);
 #pragma unroll
-    for (int i = 0; i < kMaxTaps; ++i) {
-      if (i >= kh) break;
-      const int64_t ih = oh * stride - kh / 2 + i;
-      if (ih < 0 || ih >= H) continue;
-      const T* xr = x + (b * H + ih) * W * C + c0;
-#pragma unroll
-      for (int j = 0; j < kMaxTaps; ++j) {
-        if (j >= kw) break;
-        const int64_t iw = ow * stride - kw / 2 + j;
-        if (iw < 0 || iw >= W) continue;
-        float xv[V];
-        load_vec<T, V>(xr + iw * C, xv);
-#pragma unroll
-        for (int v = 0; v < V; ++v) acc[v] += to_float(wc[v * taps + i * kw + j]) * xv[v];
-      }
-    }
+                   for (int v = 0; v < V; ++v)
+                     acc[v] += to_float(wc[v * taps + i * kw + j]) * xv[v];
+                 });
     store_vec<T, V>(y + pixel * C + c0, acc, a.relu);
   }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) depthwise_nchw_generic(DepthwiseConvArgs a) {
-  const T* x = static_cast<const T*>(a.x);
-  const T* weight = static_cast<const T*>(a.weight);
-  const T* bias = static_cast<const T*>(a.bias);
-  T* y = static_cast<T*>(a.y);
-  const int64_t C = a.channels, H = a.height, W = a.width, Ho = a.out_height, Wo = a.out_width;
+  const auto [x, weight, bias, y, C, H, W, Ho, Wo] = view<T, int64_t>(a);
   const int kh = a.kh, kw = a.kw;
   const int64_t stride = a.stride;
   const int64_t total = a.batch * C * Ho * Wo;
@@ -356,19 +353,10 @@ __global__ void __launch_bounds__(kThreads) depthwise_nchw_generic(DepthwiseConv
     const T* wk = weight + c * (kh * kw);
     const T* xp = x + plane * H * W;
     float s = to_float(bias[c]);
-#pragma unroll
-    for (int i = 0; i < kMaxTaps; ++i) {
-      if (i >= kh) break;
-      const int64_t ih = oh * stride - kh / 2 + i;
-      if (ih < 0 || ih >= H) continue;
-#pragma unroll
-      for (int j = 0; j < kMaxTaps; ++j) {
-        if (j >= kw) break;
-        const int64_t iw = ow * stride - kw / 2 + j;
-        if (iw < 0 || iw >= W) continue;
-        s += to_float(wk[i * kw + j]) * to_float(xp[ih * W + iw]);
-      }
-    }
+    for_each_tap(kh, kw, oh * stride - kh / 2, ow * stride - kw / 2, H, W,
+                 [&](int i, int j, int64_t ih, int64_t iw) {
+                   s += to_float(wk[i * kw + j]) * to_float(xp[ih * W + iw]);
+                 });
     y[o] = from_float<T>(activate(s, a.relu));
   }
 }
@@ -376,14 +364,12 @@ __global__ void __launch_bounds__(kThreads) depthwise_nchw_generic(DepthwiseConv
 // ------------------------------------------------------------------------------------------------
 // Host launchers
 
-bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 // Widest V <= 16 bytes with C % V == 0 and x, y aligned to V elements (the vector accesses).
 template <typename T>
 int pick_vec(const DepthwiseConvArgs& a) {
   for (int vec = 16 / static_cast<int>(sizeof(T)); vec > 1; vec /= 2) {
     const int bytes = vec * static_cast<int>(sizeof(T));
-    if (a.channels % vec == 0 && aligned(a.x, bytes) && aligned(a.y, bytes)) return vec;
+    if (a.channels % vec == 0 && aligned_to(a.x, bytes) && aligned_to(a.y, bytes)) return vec;
   }
   return 1;
 }

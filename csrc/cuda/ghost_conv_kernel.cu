@@ -160,15 +160,13 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 cudaError_t launch_typed(const GhostConvArgs& a, cudaStream_t stream) {
-  const int64_t tiles_h = (a.height + kGhostTileH - 1) / kGhostTileH;
-  const int64_t tiles_w = (a.width + kGhostTileW - 1) / kGhostTileW;
-  const int64_t channel_blocks = (a.primary_channels + kCB - 1) / kCB;
-  const dim3 grid(static_cast<unsigned>(tiles_h * tiles_w), static_cast<unsigned>(channel_blocks),
-                  static_cast<unsigned>(a.batch));
+  const GhostConvGrid g = ghost_conv_grid(a, DType::kFloat32);
+  const dim3 grid(static_cast<unsigned>(g.tiles), static_cast<unsigned>(g.channel_blocks),
+                  static_cast<unsigned>(g.batch));
   if (a.channels_last)
-    ghost_conv_kernel<T, true><<<grid, kThreads, 0, stream>>>(a, tiles_w);
+    ghost_conv_kernel<T, true><<<grid, kThreads, 0, stream>>>(a, g.tiles_w);
   else
-    ghost_conv_kernel<T, false><<<grid, kThreads, 0, stream>>>(a, tiles_w);
+    ghost_conv_kernel<T, false><<<grid, kThreads, 0, stream>>>(a, g.tiles_w);
   return cudaGetLastError();
 }
 

@@ -72,12 +72,6 @@ struct alignas(32) SharedBlock {  // 32-byte units: wmma needs 256-bit aligned p
   float v[8];
 };
 
-// V consecutive elements of T, loaded or stored as one access (V * sizeof(T) bytes, aligned).
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
-
 // Phase 1, one chunk: x[b, k0 : k0+kpad, halo tile] -> xs, zero outside the image and past Cin.
 // kAsync (channels_last, Cin % 8 == 0, x 16-byte aligned): 8 channels per 16-byte cp.async,
 // straight to shared memory, no registers in between. Otherwise element by element, kBatch
@@ -357,14 +351,10 @@ __global__ void __launch_bounds__(kThreads, 3)
     write_outputs<T, kCL>(a, x1s, wd, b2s, b, c0, h0, w0, cn);
 }
 
-bool aligned_to(const void* p, uintptr_t bytes) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
-
 template <typename T>
 cudaError_t launch_typed(const GhostConvArgs& a, cudaStream_t stream) {
   const GhostConvGrid g = ghost_conv_grid(a, DType::kFloat16);
-  const int tiles_w = static_cast<int>((a.width + kOutW - 1) / kOutW);
+  const int tiles_w = static_cast<int>(g.tiles_w);
   // 16-byte cp.async of x: whole 8-channel groups at 16-byte aligned addresses.
   const bool x_async = a.channels_last && a.in_channels % 8 == 0 && aligned_to(a.x, 16);
   // Channel pairs: every channel offset even, every pointer 4-byte aligned.

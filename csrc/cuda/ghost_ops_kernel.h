@@ -51,17 +51,25 @@ constexpr int kGhostMmaTileH = 8;
 constexpr int kGhostMmaTileW = 14;
 constexpr int kGhostMmaChannelBlock = 64;
 
-// The grid launch_ghost_conv uses for `args` (the launcher checks it against CUDA's limits:
-// tiles <= 2^31 - 1, channel_blocks and batch <= 65535).
+// The grid launch_ghost_conv uses for `args`: x = tiles (tiles_w per tile row), y = channel
+// blocks, z = batch (the launcher checks it against CUDA's limits: tiles <= 2^31 - 1,
+// channel_blocks and batch <= 65535).
 struct GhostConvGrid {
-  int64_t tiles, channel_blocks, batch;
+  int64_t tiles, tiles_w, channel_blocks, batch;
 };
 inline GhostConvGrid ghost_conv_grid(const GhostConvArgs& args, DType dtype) {
   const bool mma = dtype != DType::kFloat32;
   const int64_t th = mma ? kGhostMmaTileH : kGhostTileH, tw = mma ? kGhostMmaTileW : kGhostTileW;
   const int64_t cb = mma ? kGhostMmaChannelBlock : kGhostChannelBlock;
-  return {((args.height + th - 1) / th) * ((args.width + tw - 1) / tw),
+  const int64_t tiles_w = (args.width + tw - 1) / tw;
+  return {((args.height + th - 1) / th) * tiles_w, tiles_w,
           (args.primary_channels + cb - 1) / cb, args.batch};
+}
+
+// Whether `p` is a multiple of `bytes` (nullptr, an absent optional tensor, counts as aligned):
+// the launchers' test for vector accesses.
+inline bool aligned_to(const void* p, uintptr_t bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
 // Launch on `stream`; return the launch status (cudaGetLastError()). launch_ghost_conv runs
@@ -81,6 +89,13 @@ cudaError_t launch_depthwise_conv(const DepthwiseConvArgs& args, DType dtype,
 
 namespace ghostkernels {
 namespace cuda {
+
+// V consecutive elements of T moved as one access (V * sizeof(T) bytes); callers guarantee the
+// alignment.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
 
 // Explicit conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends).
 __device__ __forceinline__ float to_float(float v) { return v; }
