@@ -173,6 +173,12 @@ def test_loading_refuses_another_device_and_corrupt_files(tmp_path):
             tuning.load(path, any_device=True)
     with pytest.raises(ValueError, match="not a ghostkernels tuning file"):
         tuning.load(tmp_path / "missing.json")
+    data["entries"][0]["backend"] = "fastest"
+    path.write_text(json.dumps(data))
+    tuning.clear()
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
+        tuning.load(path, any_device=True)
+    assert not backends._TUNED
 
 
 def test_tuned_for_scopes_the_choices_and_summary_counts_them(monkeypatch):
