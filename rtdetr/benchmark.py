@@ -11,6 +11,10 @@ Weights and inputs channels_last; GPU: fp16, batch 1 and 32; CPU: fp32, batch 1
     rtdetr bench                          # GPU if present, else CPU
     rtdetr bench --device cpu --quick --out results/
     rtdetr bench --models r18 --modes "folded + fused" --batch 1
+    rtdetr bench --breakdown --models ghost100 r18    # + backbone / encoder / decoder prefixes
+
+``--breakdown`` adds rows for the prefixes of the forward (rtdetr.benchmark_parts) and, with
+R18 in the run, the backbone time each other model needs to be ISSUE7_FACTOR times faster.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch
 
 from ghostkernels.benchmark import Row, machine_description, time_ms, write_outputs
 from ghostkernels import backend_for, tuning, use_backend
+from rtdetr.benchmark_parts import FULL, PARTS, DetectorPrefix, backbone_budget, part_label
 
 MODELS = {"r18": ("RT-DETR-R18", "rtdetr_r18vd"),
           "ghost100": ("RT-DETR-GhostNetV3-1.0", "rtdetr_ghostnetv3_100"),
@@ -34,6 +39,8 @@ OPS = ("ms_deform_attn", "ghost_conv", "depthwise_conv", "dfc_gate", "se_excitat
 # Official RT-DETRv2-R18 after deploy(), model forward at 640x640, batch 1, on the 2-core
 # development CPU (shared/spec/anchors.md); measured separately, so only quoted in the header.
 OFFICIAL_R18_CPU_MS = 500.0
+# Issue 7: RT-DETR-GhostNetV3 folded + fused + graph at least this many times faster than R18.
+ISSUE7_FACTOR = 1.5
 
 
 def build(config: str):
@@ -64,52 +71,73 @@ def backends_note(device: str, dtype: torch.dtype, backbone_fused: bool) -> str:
     return ", ".join(f"{op}={backend_for(op, device, dtype)}" for op in ops)
 
 
-def run_mode(mode, model, postprocessor, images, sizes, device, cpu_runs, compile_backend):
-    """(milliseconds, note) of one mode; the model is already folded for every mode but the
-    first."""
+def _target(model, postprocessor, part):
+    """(module, whether it takes the sizes) timed for ``part`` of the detector."""
+    from rtdetr.runtime import EndToEndDetector
+    if part == FULL:
+        return EndToEndDetector(model, postprocessor), True
+    return DetectorPrefix(model, part), False
+
+
+def run_mode(mode, model, postprocessor, images, sizes, device, cpu_runs, compile_backend,
+             parts=(FULL,)) -> list[tuple[str, float, str]]:
+    """[(part, milliseconds, note)] of one mode for each of ``parts`` (benchmark_parts.PARTS;
+    a part that fails gets NaN and the error in its note); the model is already folded for every
+    mode but the first. A tuned mode tunes once, on the whole detector, for all parts."""
     from rtdetr.runtime import EndToEndDetector
     dtype = images.dtype
     fused = hasattr(type(model.backbone), "use_fused_ops") and model.backbone.deployed
-    if mode in ("unfolded eager", "folded eager"):
-        detector = EndToEndDetector(model, postprocessor)
-        with backbone_ops(model, fused=False), use_backend("reference"), torch.no_grad():
-            return time_ms(lambda: detector(images, sizes), device, cpu_runs), "reference ops"
-    with backbone_ops(model, fused=True):
-        return _run_fused_mode(mode, model, postprocessor, images, sizes, device, cpu_runs,
-                               compile_backend, backends_note(device, dtype, fused))
+    eager = mode in ("unfolded eager", "folded eager")
+    note = "reference ops" if eager else backends_note(device, dtype, fused)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(backbone_ops(model, fused=not eager))
+        if eager:
+            stack.enter_context(use_backend("reference"))
+        if " + tuned" in mode:
+            entries = stack.enter_context(tuning.tuned_for(
+                EndToEndDetector(model, postprocessor), images, sizes))
+            mode, note = mode.replace(" + tuned", ""), "tuned: " + tuning.summary(entries)
+        results = []
+        for part in parts:
+            try:
+                ms, extra = _time_part(mode, model, postprocessor, images, sizes, device,
+                                       cpu_runs, compile_backend, part)
+                results.append((part, ms, note + extra))
+            except Exception as exc:  # noqa: BLE001 - a failing part must not hide the rest
+                results.append((part, math.nan,
+                                f"failed: {type(exc).__name__}: {str(exc)[:160]}"))
+        return results
 
 
-def _run_fused_mode(mode, model, postprocessor, images, sizes, device, cpu_runs,
-                    compile_backend, note):
-    from rtdetr.runtime import CudaGraphDetector, EndToEndDetector, compile_detector
-    if mode == "folded + fused":
-        detector = EndToEndDetector(model, postprocessor)
-        with torch.no_grad():
-            return time_ms(lambda: detector(images, sizes), device, cpu_runs), note
-    if mode.startswith("folded + fused + tuned"):
-        with tuning.tuned_for(EndToEndDetector(model, postprocessor), images, sizes) as entries:
-            ms, _ = _run_fused_mode(mode.replace(" + tuned", ""), model, postprocessor, images,
-                                    sizes, device, cpu_runs, compile_backend, note)
-        return ms, "tuned: " + tuning.summary(entries)
+def _time_part(mode, model, postprocessor, images, sizes, device, cpu_runs, compile_backend,
+               part) -> tuple[float, str]:
+    """(milliseconds, note suffix) of ``part`` in ``mode`` (tuning and backends already set)."""
+    from rtdetr.runtime import CudaGraphDetector, compile_detector
+    module, with_sizes = _target(model, postprocessor, part)
     if mode == "folded + fused + CUDA graph":
-        graphed = CudaGraphDetector(model, images.shape[0], images.shape[2], images.shape[3],
-                                    images.dtype, postprocessor=postprocessor,
+        graphed = CudaGraphDetector(model if with_sizes else module, images.shape[0],
+                                    images.shape[2], images.shape[3], images.dtype,
+                                    postprocessor=postprocessor if with_sizes else None,
                                     channels_last=not images.is_contiguous())
-        graphed(images, sizes)
-        return time_ms(graphed.replay, device, cpu_runs), note
-    compiled = compile_detector(model, postprocessor, backend=compile_backend)
-    start = time.perf_counter()
+        graphed(*((images, sizes) if with_sizes else (images,)))  # copies into the buffers
+        return time_ms(graphed.replay, device, cpu_runs), ""
+    if mode == "torch.compile":
+        module = compile_detector(model if with_sizes else module,
+                                  postprocessor if with_sizes else None, backend=compile_backend)
+    call = (lambda: module(images, sizes)) if with_sizes else (lambda: module(images))
     with torch.no_grad():
-        compiled(images, sizes)
+        if mode != "torch.compile":
+            return time_ms(call, device, cpu_runs), ""
+        start = time.perf_counter()
+        call()
         if device == "cuda":
             torch.cuda.synchronize()
         first = time.perf_counter() - start
-        ms = time_ms(lambda: compiled(images, sizes), device, cpu_runs)
-    return ms, f"{note}; {compile_backend}, first call {first:.0f} s"
+        return time_ms(call, device, cpu_runs), f"; {compile_backend}, first call {first:.0f} s"
 
 
 def bench_model(key, batches, size, device, dtype, channels_last, modes, cpu_runs,
-                compile_backend) -> list[Row]:
+                compile_backend, parts=(FULL,)) -> list[Row]:
     name, config = MODELS[key]
     model, postprocessor = build(config)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -124,15 +152,19 @@ def bench_model(key, batches, size, device, dtype, channels_last, modes, cpu_run
             sizes = torch.tensor([[size, size]] * batch, device=device)
             case = f"{size}x{size} bs{batch} {str(dtype).replace('torch.', '')}"
             try:
-                ms, note = run_mode(mode, model, postprocessor, images, sizes, device, cpu_runs,
-                                    compile_backend)
-            except Exception as exc:  # noqa: BLE001 - one failing mode must not hide the others
-                ms, note = math.nan, f"failed: {type(exc).__name__}: {str(exc)[:160]}"
-            rows.append(Row(name, case, mode, ms, note=note))
-            print(f"{name} {case} {mode}: {ms:.2f} ms  {note}", flush=True)
+                results = run_mode(mode, model, postprocessor, images, sizes, device, cpu_runs,
+                                   compile_backend, parts)
+            except Exception as exc:  # noqa: BLE001 - a failing mode must not hide the others
+                failed = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+                results = [(part, math.nan, failed) for part in parts]
+            for part, ms, note in results:
+                label = part_label(mode, part)
+                rows.append(Row(name, case, label, ms, note=note))
+                print(f"{name} {case} {label}: {ms:.2f} ms  {note}", flush=True)
     for row in rows:
         base = [r.ms for r in rows if r.implementation == BASELINE and r.case == row.case]
-        if base and row.implementation != BASELINE and not math.isnan(row.ms):
+        if (base and row.implementation in MODES and row.implementation != BASELINE
+                and not math.isnan(row.ms)):
             row.ratios = {BASELINE: base[0] / row.ms}
     return rows
 
@@ -150,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--quick", action="store_true",
                    help="fewest repeats (5 CPU runs instead of 10); GPU timing unchanged")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the backbone, backbone + encoder and model without the "
+                        "postprocessor in every mode (rtdetr.benchmark_parts)")
     p.add_argument("--out", help="folder for detector.md / detector.json")
     return p
 
@@ -175,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for key in args.models:
         rows += bench_model(key, batches, args.size, args.device, dtype, True, modes,
-                            5 if args.quick else 10, args.compile_backend)
+                            5 if args.quick else 10, args.compile_backend,
+                            PARTS if args.breakdown else (FULL,))
         write_outputs(rows, header, args.out, "detector", echo=False)
+    backbone_budget(rows, MODELS["r18"][0], ISSUE7_FACTOR)  # with --breakdown and r18 only
     write_outputs(rows, header, args.out, "detector")
     return 0
 

@@ -147,3 +147,22 @@ def test_compile_inductor_on_gpu_equals_eager():
     with torch.no_grad():
         out, ref = compiled(images, sizes), EndToEndDetector(model, postprocessor)(images, sizes)
     assert_same_detections(out, ref, tol=1e-4, tie=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("part", ["backbone", "backbone + encoder"])
+def test_cuda_graph_of_a_detector_prefix_equals_eager(part):
+    """`rtdetr bench --breakdown` captures the forward's prefixes alone."""
+    from rtdetr.benchmark_parts import DetectorPrefix
+    model, _ = _folded()
+    prefix = DetectorPrefix(model.cuda(), part)
+    graphed = CudaGraphDetector(prefix, 2, SIZE, SIZE, torch.float32)
+    images, _ = _inputs(2, "cuda", torch.float32)
+    with torch.no_grad():
+        ref = prefix(images)
+    out = graphed(images)
+    torch.cuda.synchronize()
+    assert len(out) == len(ref)
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape
+        assert rel(o, r) < 1e-5
