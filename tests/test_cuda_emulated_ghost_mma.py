@@ -4,7 +4,8 @@ CUDA emulator, path by path, against the float64 reference.
 The kernel's paths: x by 16-byte cp.async (channels_last, Cin % 8 == 0, aligned) or element by
 element; one or several 64-channel input chunks; one or several 64-channel blocks of primary
 channels, the last one partial (1-4 wmma fragments); channel pairs in the output pass (even
-channel counts, aligned pointers) or single channels; border tiles that zero the halo outside the
+channel counts, aligned pointers; under 64 channels the lanes also split the tile's columns into
+runs) or single channels; border tiles that zero the halo outside the
 image; C2 <= C1 cheap channels. The emulator checks wmma's alignment and warp-uniformity rules
 and lands each cp.async only when the thread waits for it (tests/cuda_emulation/).
 """
@@ -34,8 +35,16 @@ LAYOUTS = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "
     {"Cin": 8, "C1": 5, "out_channels": 5, "H": 3, "W": 20},
     # odd out_channels with even C1: single channels again, C2 = 33
     {"Cin": 24, "C1": 34, "out_channels": 67, "H": 10, "W": 5},
+    # GhostNetV3's 16 -> 16 module: 4 channel pairs, so 8 lane groups sweep runs of 2 columns
+    # (7 runs in a 14-column tile, 5 in the last tile's 9 columns)
+    {"Cin": 16, "C1": 8, "out_channels": 16, "H": 9, "W": 23},
+    # one channel pair: 32 groups of one column each; a last tile one column wide
+    {"Cin": 8, "C1": 2, "out_channels": 4, "H": 5, "W": 29},
+    # C1 = 76: a full channel block (one group) and a 12-channel one (6 pairs: 4 groups of 4
+    # columns, the last with 2), C2 = 74
+    {"Cin": 24, "C1": 76, "out_channels": 150, "H": 8, "W": 16},
 ], ids=["ghostnet_40_120", "two_chunks", "three_blocks", "1x1_image", "no_cheap_half",
-        "odd_out_channels"])
+        "odd_out_channels", "ghostnet_16_16_runs", "one_pair", "partial_block_runs"])
 def test_mma_kernel_matches_reference(emu, case, dtype, channels_last):
     check_ghost(emu, ghost_inputs(dtype, B=2, **case), True, True, channels_last)
 

@@ -20,9 +20,10 @@
 //   3. for each interior (pixel, channel): x1 to y[:, c], and the 3x3 depthwise (weights and bias
 //      staged once in shared memory) + bias + act to y[:, C1 + c], each times its gate value plus
 //      its residual value when those are given. channels_last with even channel counts and
-//      pointers: warp r sweeps output row r, lane j owning channels 2j, 2j+1 (taps in registers,
-//      4-byte stores, each x1 pair read once per column); otherwise one item per (pixel,
-//      channel), channel-fastest (channels_last) or pixel-fastest (NCHW: coalesced along W).
+//      pointers: warp r sweeps output row r, each lane a channel pair (taps in registers, 4-byte
+//      stores, each x1 pair read once per column) and, under 64 channels, a run of the row's
+//      columns; otherwise one item per (pixel, channel), channel-fastest (channels_last) or
+//      pixel-fastest (NCHW: coalesced along W).
 // x1 is kept in float from the accumulator to the depthwise conv: one rounding per output, as in
 // the other backends. The halo costs 160/112 = 1.43x the 1x1 work (cheap on tensor cores) and as
 // much re-reading of x, mostly from L2. Static shared memory: 46 KB; 3 blocks (30 warps) per SM.
@@ -190,33 +191,45 @@ __device__ __forceinline__ void write_outputs(const GhostConvArgs& a, const floa
   }
 }
 
-// Phase 3, channels_last with even channel counts: warp r < kOutH owns output row r and lane j
-// the channel pair 2j, so the pair's taps stay in registers. The row is swept one halo column at
-// a time (three x1 pairs, conflict-free 8-byte reads: a third of what a per-pixel stencil reads);
-// each column adds its share to the three outputs that use it, and the oldest is complete.
+// Phase 3, channels_last with even channel counts: warp r < kOutH owns output row r. The block's
+// channel pairs (cn / 2 of them, rounded up to a power of two P) take lanes 0 .. P-1 of each of
+// the 32 / P lane groups, and group g sweeps its own run of the row's columns (one run for 64
+// channels, seven runs of two columns for 8), so small channel counts keep the lanes busy. A lane
+// keeps its pair's taps in registers and sweeps its run one halo column at a time (three x1
+// pairs, conflict-free 8-byte reads: a third of what a per-pixel stencil reads); each column adds
+// its share to the three outputs that use it, and the oldest is complete.
 template <typename T>
 __device__ __forceinline__ void write_outputs_by_rows(const GhostConvArgs& a, const float* x1s,
                                                       const float* wd, const float* b2s, int b,
                                                       int c0, int h0, int w0, int cn) {
-  const int row = threadIdx.x / 32, c = 2 * (threadIdx.x % 32);
+  const int row = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int h = h0 + row;
-  if (row >= kOutH || c >= cn || h >= a.height) return;  // nothing of this block follows
+  int pairs_pow2 = 1;  // P: the block's channel pairs, rounded up to a power of two (<= 32)
+  while (pairs_pow2 * 2 < cn) pairs_pow2 *= 2;
+  const int c = 2 * (lane % pairs_pow2), group = lane / pairs_pow2;
+  const int groups = 32 / pairs_pow2;
+  const int cols = a.width - w0 < kOutW ? static_cast<int>(a.width - w0) : kOutW;
+  const int run = (cols + groups - 1) / groups;
+  const int first = group * run;                    // this group's output columns:
+  const int last = first + run < cols ? first + run : cols;  // first .. last - 1
+  if (row >= kOutH || c >= cn || h >= a.height || first >= last) return;  // nothing follows
   const int C1 = static_cast<int>(a.primary_channels), C2 = static_cast<int>(a.out_channels) - C1;
   const bool cheap = c0 + c < C2;  // this pair has a depthwise half
   auto pair = [&](const float* base, int i) { return *reinterpret_cast<const float2*>(base + i); };
   float2 taps[9];
 #pragma unroll
   for (int t = 0; t < 9; ++t) taps[t] = pair(wd, t * kN + c);
-  const int cols = a.width - w0 < kOutW ? static_cast<int>(a.width - w0) : kOutW;
-  // When halo column k is read: the sums of outputs k - 1 and k - 2 so far, and the x1 of halo
-  // column k - 1 (the centre of output k - 2).
+  // Output column j reads halo columns j .. j + 2. When halo column k is read: the sums of
+  // outputs k - 1 and k - 2 so far, and the x1 of halo column k - 1 (the centre of output k - 2).
   float2 sum1 = {0.f, 0.f}, sum2 = {0.f, 0.f}, centre = {0.f, 0.f};
-  for (int k = 0; k < cols + 2; ++k) {
+  const float* column = x1s + (row * kHaloW + first) * kX1RowCL + c;  // halo column k = first
+  const int steps = last - first + 2;
+  for (int i = 0; i < steps; ++i, column += kX1RowCL) {  // halo column k = first + i
     float2 sum0 = pair(b2s, c);
     float2 v[3];
 #pragma unroll
     for (int dy = 0; dy < 3; ++dy) {
-      v[dy] = pair(x1s, ((row + dy) * kHaloW + k) * kX1RowCL + c);
+      v[dy] = pair(column, dy * kHaloW * kX1RowCL);
       sum0.x += taps[dy * 3].x * v[dy].x;
       sum0.y += taps[dy * 3].y * v[dy].y;
       sum1.x += taps[dy * 3 + 1].x * v[dy].x;
@@ -224,11 +237,12 @@ __device__ __forceinline__ void write_outputs_by_rows(const GhostConvArgs& a, co
       sum2.x += taps[dy * 3 + 2].x * v[dy].x;
       sum2.y += taps[dy * 3 + 2].y * v[dy].y;
     }
-    if (k >= 2) {  // output column k - 2 is complete
+    if (i >= 2) {  // output column k - 2 is complete
+      const int w = w0 + first + i - 2;
       const float x1[2] = {centre.x, centre.y};
       const float x2[2] = {activate(sum2.x, a.relu_cheap), activate(sum2.y, a.relu_cheap)};
-      store_output<T, true, 2>(a, x1, b, c0 + c, h, w0 + k - 2);
-      if (cheap) store_output<T, true, 2>(a, x2, b, C1 + c0 + c, h, w0 + k - 2);
+      store_output<T, true, 2>(a, x1, b, c0 + c, h, w);
+      if (cheap) store_output<T, true, 2>(a, x2, b, C1 + c0 + c, h, w);
     }
     sum2 = sum1;
     sum1 = sum0;
