@@ -1,6 +1,5 @@
-// CUDA dispatch of the DFC attention gate: checks the contract, allocates the gate and the fp32
-// scratch in x's memory format and launches the torch-free kernels (dfc_gate_kernel.cu) on the
-// current stream.
+// CUDA dispatch of the DFC attention gate: checks the contract, allocates the gate in x's memory
+// format and launches the torch-free kernel (dfc_gate_kernel.cu) on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,8 +28,6 @@ at::Tensor dfc_gate_forward_cuda(const at::Tensor& x, const at::Tensor& w_proj,
   TORCH_CHECK(channel_blocks <= 65535, "dfc_gate_forward (CUDA kernel): at most ",
               65535 * cuda::kDfcChannelBlock, " channels, got ", C);
   TORCH_CHECK(B <= 65535, "dfc_gate_forward (CUDA kernel): batch at most 65535, got ", B);
-  at::Tensor projected = at::empty({B, C, H / 2, W / 2}, x.options().dtype(at::kFloat)
-                                                              .memory_format(fmt));
 
   cuda::DfcGateArgs args{};
   args.x = x.data_ptr();
@@ -40,7 +37,6 @@ at::Tensor dfc_gate_forward_cuda(const at::Tensor& x, const at::Tensor& w_proj,
   args.b_h = b_h.data_ptr();
   args.w_v = w_v.data_ptr();
   args.b_v = b_v.data_ptr();
-  args.projected = projected.data_ptr<float>();
   args.gate = gate.data_ptr();
   args.batch = B;
   args.in_channels = Cin;

@@ -22,20 +22,18 @@ struct DfcGateArgs {
   const void* b_h;     // [C]
   const void* w_v;     // [C,5], the 5x1 taps top to bottom
   const void* b_v;     // [C]
-  float* projected;    // scratch [B,C,Hp,Wp] float32 in x's layout: conv1x1(avgpool(x)) + b_proj
   void* gate;          // [B,C,Hp,Wp] in x's layout
   int64_t batch, in_channels, channels, height, width;
   bool channels_last;
 };
 
-// The pool + 1x1 kernel's grid: x = blocks of kDfcPixelBlock pooled pixels, y = blocks of
-// kDfcChannelBlock output channels (at most 65535), z = batch (at most 65535).
-constexpr int kDfcPixelBlock = 32;
+// The kernel's grid: x = tiles of kDfcTile x kDfcTile gate pixels, y = blocks of kDfcChannelBlock
+// channels (at most 65535), z = batch (at most 65535).
+constexpr int kDfcTile = 12;
 constexpr int kDfcChannelBlock = 32;
 
-// Two launches on `stream` (pool + 1x1, then the separable stencil + sigmoid); returns the launch
-// status (cudaGetLastError()), cudaErrorInvalidConfiguration when the grid limits above are
-// exceeded.
+// One launch on `stream`; returns the launch status (cudaGetLastError()),
+// cudaErrorInvalidConfiguration when the grid limits above are exceeded.
 cudaError_t launch_dfc_gate(const DfcGateArgs& args, DType dtype, cudaStream_t stream);
 
 }  // namespace cuda

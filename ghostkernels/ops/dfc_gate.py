@@ -4,9 +4,11 @@ the pooled resolution, as one PyTorch custom op.
 ``gate = sigmoid(dw5x1(dw1x5(conv1x1(avg_pool2d(x, 2, 2)))))``, each conv with a bias, the 1x5
 padded (0, 2) and the 5x1 padded (2, 0) with zeros on its own input (spec ghostnetv3.md §5). This
 is the folded ``short_conv`` of a DFC Ghost module before the nearest upsampling, which
-``ghostkernels.ghost_conv`` fuses into its ``gate`` epilogue. The fused backends (triton, cuda)
-make two launches (pool + 1x1, then the separable 5-tap stencil + sigmoid) instead of five. There
-is no C++ CPU kernel: on CPU tensors the automatic choice is the reference.
+``ghostkernels.ghost_conv`` fuses into its ``gate`` epilogue. The fused backends replace the five
+launches: Triton with two (pool + 1x1 to an fp32 scratch map, then the separable 5-tap stencil +
+sigmoid), CUDA with one (each block recomputes the 1x1 on the 2-pixel border its stencil needs;
+nothing but the gate is written). There is no C++ CPU kernel: on CPU tensors the automatic choice
+is the reference.
 
 ``ghostkernels::dfc_gate`` has a fake kernel and an autograd formula that recomputes the
 intermediates with torch ops (``reference.dfc_gate.backward``), so no backend needs a backward

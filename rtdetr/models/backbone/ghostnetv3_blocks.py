@@ -128,9 +128,9 @@ def _dfc_gate_low_res(short_conv: nn.Sequential, x: torch.Tensor, fused: bool) -
     """The DFC attention gate of a Ghost module from its input ``x``, sigmoided, at the
     2x2-average-pooled resolution (before the nearest upsampling).
 
-    Fused and folded, it is one ``ghostkernels.dfc_gate`` call (two launches on Triton); where
-    the backend forced for this call has no dfc_gate kernel (``use_backend("cpu")``), the same
-    folded convs run as a 1x1 conv and two ``ghostkernels.depthwise_conv`` calls."""
+    Fused and folded, it is one ``ghostkernels.dfc_gate`` call (one launch on CUDA, two on Triton);
+    where the backend forced for this call has no dfc_gate kernel (``use_backend("cpu")``), the
+    same folded convs run as a 1x1 conv and two ``ghostkernels.depthwise_conv`` calls."""
     if fused and isinstance(short_conv[1], nn.Identity):  # folded: [1x1, Id, 1x5, Id, 5x1, Id]
         proj, horizontal, vertical = short_conv[0], short_conv[2], short_conv[4]
         if _op_runs("dfc_gate", x):

@@ -7,9 +7,8 @@ namespace gk = ghostkernels::cuda;
 extern "C" {
 
 // dims = (batch, in_channels, channels, height, width); flags = (channels_last).
-// projected: float32 scratch [B, C, H/2, W/2] in x's layout, as csrc/cuda/dfc_gate.cpp allocates.
 int gk_dfc_gate(int dtype, const void* x, const void* w_proj, const void* b_proj, const void* w_h,
-                const void* b_h, const void* w_v, const void* b_v, float* projected, void* gate,
+                const void* b_h, const void* w_v, const void* b_v, void* gate,
                 const int64_t* dims, const int* flags) {
   gk::DfcGateArgs a{};
   a.x = x;
@@ -19,7 +18,6 @@ int gk_dfc_gate(int dtype, const void* x, const void* w_proj, const void* b_proj
   a.b_h = b_h;
   a.w_v = w_v;
   a.b_v = b_v;
-  a.projected = projected;
   a.gate = gate;
   a.batch = dims[0];
   a.in_channels = dims[1];
