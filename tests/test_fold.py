@@ -161,3 +161,19 @@ def test_bad_inputs_raise_clear_errors():
         fold.sum_branches([])
     with pytest.raises(ValueError, match="template's kernel size"):
         fold.conv_with(nn.Conv2d(2, 2, 3), torch.randn(2, 2, 1, 1), torch.randn(2))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_conv_with_keeps_the_template_weight_memory_format(channels_last):
+    """A model converted to channels_last before folding stays channels_last (cuDNN would
+    otherwise convert the weight, or run the layer NCHW, on every call)."""
+    template = nn.Conv2d(4, 6, 3, padding=1, bias=False).double()
+    if channels_last:
+        template = template.to(memory_format=torch.channels_last)
+    weight = torch.randn(6, 4, 3, 3, dtype=torch.float64)  # NCHW, as folding math returns it
+    bias = torch.randn(6, dtype=torch.float64)
+    conv = fold.conv_with(template, weight, bias)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert conv.weight.is_contiguous() != channels_last
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    assert torch.allclose(conv(x), F.conv2d(x, weight, bias, padding=1), rtol=0, atol=1e-12)

@@ -159,7 +159,11 @@ class HybridEncoder(nn.Module):
             tokens = proj[idx].flatten(2).permute(0, 2, 1)  # [B, H*W, C], row-major
             pos = sincos_position_embedding(h, w, c, self.pe_temperature, tokens.device, tokens.dtype)
             tokens = encoder(tokens, pos)
-            proj[idx] = tokens.permute(0, 2, 1).reshape(b, c, h, w).contiguous()
+            # back in the map's own memory format (the view is channels_last-strided; a plain
+            # .contiguous() would turn a channels_last model's whole FPN/PAN NCHW)
+            fmt = (torch.channels_last if proj[idx].is_contiguous(memory_format=torch.channels_last)
+                   else torch.contiguous_format)
+            proj[idx] = tokens.permute(0, 2, 1).reshape(b, c, h, w).contiguous(memory_format=fmt)
 
         inner = [proj[-1]]  # top-down (FPN); the lateral output replaces the stored top feature
         for k, idx in enumerate(range(len(proj) - 1, 0, -1)):

@@ -1,4 +1,6 @@
 """The assembled RT-DETR: parameter count, outputs in train/eval, deploy(), empty targets, sizes."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -186,3 +188,28 @@ def test_overfit_one_batch_loss_falls():
     assert all(torch.isfinite(torch.tensor(losses)))
     # Matching can make the first steps go up; over 40 steps the loss must fall clearly.
     assert min(losses[-5:]) < 0.7 * max(losses[:3])
+
+
+@pytest.mark.parametrize("case", ["r18", "ghostnetv3"])
+def test_channels_last_model_stays_channels_last_through_deploy_and_the_encoder(case):
+    """model.to(memory_format=torch.channels_last).deploy(): every folded conv weight and every
+    encoder output map is channels_last (a plain .contiguous() after the AIFI layer once turned
+    the whole FPN/PAN NCHW), and the outputs equal the NCHW model's."""
+    model = build_detector(ModelConfig.from_dict({**TINY, **DEPLOY_CASES[case]}))
+    randomize_bn(model)
+    model.eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).deploy()(x)
+    model = model.to(memory_format=torch.channels_last).deploy()
+    wrong = [n for n, p in model.named_parameters()
+             if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last)]
+    assert wrong == []
+    xc = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        maps = model.encoder(model.backbone(xc))
+        out = model(xc)
+    assert all(m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous()
+               for m in maps)
+    for key in ("pred_logits", "pred_boxes"):
+        assert ((out[key] - ref[key]).norm() / ref[key].norm()).item() < 1e-5
