@@ -15,6 +15,8 @@ from torch import nn
 from ghostkernels.fold import conv_with, fold_conv_bn, pad_kernel_to, sum_branches
 from rtdetr.models.backbone.presnet import ConvNorm, make_activation
 
+MAX_POSITION_CACHE = 8  # cached AIFI position embeddings (sizes x devices x dtypes) per encoder
+
 
 def sincos_position_embedding(height: int, width: int, dim: int, temperature: float = 10000.0,
                               device=None, dtype=torch.float32) -> torch.Tensor:
@@ -146,6 +148,18 @@ class HybridEncoder(nn.Module):
                                               for _ in range(n - 1))
         self.pan_blocks = nn.ModuleList(CSPRepLayer(2 * hidden_dim, hidden_dim, blocks, expansion, act)
                                         for _ in range(n - 1))
+        self._position_cache: dict = {}
+
+    def position_embedding(self, height: int, width: int, device, dtype) -> torch.Tensor:
+        """The AIFI layer's sin-cos embedding for a height x width map, cached per size, device
+        and dtype: a constant, so a forward does not rebuild it (a dozen small kernels on a GPU)."""
+        key = (height, width, str(device), dtype)
+        if key not in self._position_cache:
+            if len(self._position_cache) >= MAX_POSITION_CACHE:
+                self._position_cache.clear()
+            self._position_cache[key] = sincos_position_embedding(
+                height, width, self.hidden_dim, self.pe_temperature, device, dtype)
+        return self._position_cache[key]
 
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(feats) != len(self.in_channels):
@@ -157,7 +171,7 @@ class HybridEncoder(nn.Module):
         for encoder, idx in zip(self.encoder, self.use_encoder_idx):
             b, c, h, w = proj[idx].shape
             tokens = proj[idx].flatten(2).permute(0, 2, 1)  # [B, H*W, C], row-major
-            pos = sincos_position_embedding(h, w, c, self.pe_temperature, tokens.device, tokens.dtype)
+            pos = self.position_embedding(h, w, tokens.device, tokens.dtype)
             tokens = encoder(tokens, pos)
             # back in the map's own memory format (the view is channels_last-strided; a plain
             # .contiguous() would turn a channels_last model's whole FPN/PAN NCHW)

@@ -8,7 +8,9 @@ from torch import nn
 from rtdetr.models.backbone import build_backbone
 from rtdetr.models.decoder import RTDETRDecoder, generate_anchors
 from rtdetr.models.denoising import contrastive_denoising_group
-from rtdetr.models.hybrid_encoder import CSPRepLayer, RepVggBlock, sincos_position_embedding
+from rtdetr.models import hybrid_encoder
+from rtdetr.models.hybrid_encoder import (CSPRepLayer, HybridEncoder, RepVggBlock,
+                                          sincos_position_embedding)
 from tests.rtdetr.detector_cases import randomize_bn
 from tests.backend_params import rel_err as rel
 
@@ -42,6 +44,30 @@ def test_sincos_position_embedding_square_matches_official_construction():
 
 
 # ------------------------------------------------------------------ RepVGG / CSP
+def test_encoder_builds_the_position_embedding_once_per_size(monkeypatch):
+    """The AIFI embedding is a constant: cached per (size, device, dtype), equal to the function's
+    result, and the encoder's output is unchanged by the cache."""
+    torch.manual_seed(0)
+    enc = HybridEncoder(in_channels=(8, 16, 32), hidden_dim=32, nhead=4, dim_feedforward=64,
+                        expansion=0.5, depth_mult=0.34).eval()
+    built = []
+    real = hybrid_encoder.sincos_position_embedding
+    monkeypatch.setattr(hybrid_encoder, "sincos_position_embedding",
+                        lambda *a, **k: built.append(a[:2]) or real(*a, **k))
+    feats = [torch.rand(2, c, s, s + 1) for c, s in ((8, 8), (16, 4), (32, 2))]
+    with torch.no_grad():
+        first = enc(feats)
+        again = enc(feats)
+        enc([torch.rand(2, c, s, s + 1) for c, s in ((8, 12), (16, 6), (32, 3))])  # new size
+    assert built == [(2, 3), (3, 4)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    cached = enc.position_embedding(2, 3, torch.device("cpu"), torch.float32)
+    assert torch.equal(cached, real(2, 3, 32, enc.pe_temperature, "cpu", torch.float32))
+    for size in range(hybrid_encoder.MAX_POSITION_CACHE + 1):  # bounded: cleared when full
+        enc.position_embedding(1, size + 1, torch.device("cpu"), torch.float32)
+    assert len(enc._position_cache) <= hybrid_encoder.MAX_POSITION_CACHE
+
+
 def test_repvgg_fold_equals_two_branches_float64():
     block = RepVggBlock(6, 8).double()
     randomize_bn(block)
