@@ -71,3 +71,11 @@ def test_stencil_reaches_across_tiles(emu, channels_last):
     args = make_inputs(2, 40, 36, 50, 55, channels_last, dtype=torch.float16)
     out = emulated_dfc_gate(emu, *args, channels_last=channels_last)
     assert rel_err(out, plain_gate(*args)) < TOLERANCE[torch.float16][0]
+
+
+def test_interior_tiles_compute_the_whole_region(emu):
+    """A 40 x 40 gate: the 4 inner tiles' 16 x 16 regions lie wholly inside the map (all 256
+    region pixels computed, every warp's 32), the border tiles' regions are clipped."""
+    args = make_inputs(1, 8, 5, 80, 81, True, dtype=torch.float32)
+    out = emulated_dfc_gate(emu, *args, channels_last=True)
+    assert rel_err(out, plain_gate(*args)) < TOLERANCE[torch.float32][0]

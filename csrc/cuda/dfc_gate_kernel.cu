@@ -8,18 +8,19 @@
 // trip through memory that this file held before): a block owns a 12 x 12 tile of gate pixels x
 // 32 channels of one image. The separable 5 x 5 stencil reaches two pooled pixels past the tile,
 // so the block computes P on the 16 x 16 region around it:
-//   1. the input channels stream through shared memory in chunks of 32: the 2x2 averages of the
-//      region ([k][pixel], each computed once, as x is loaded; zero outside the map) and the 1x1
-//      weights ([channel][k]); each of the 256 threads accumulates 32 region pixels of one
-//      channel (its lane) in fp32 (pooled reads are warp broadcasts, the padded weight rows are
-//      conflict-free);
+//   1. only the part of that region inside the map is computed (for a small map, a fraction of
+//      it): the input channels stream through shared memory in chunks of 32, the 2x2 averages
+//      of the region's pixels ([pixel][k], each computed once, as x is loaded) and the 1x1
+//      weights ([channel][k]); each of the 256 threads accumulates up to 32 pixels of one
+//      channel (its lane) in fp32, four input channels per float4 step (the pooled reads are
+//      warp broadcasts, the weight rows conflict-free);
 //   2. P (+ bias; zero outside the map: the 1x5 pads P with zeros) goes to shared memory, fp32;
 //   3. each thread takes 18 gate values: the five 1x5 rows the 5x1 needs are summed from P
 //      (rows outside the map skipped: the 5x1 pads the 1x5 *result*, bias included, with zeros),
 //      then the sigmoid; lanes run along the gate's contiguous dim (channels in channels_last,
 //      pixels in NCHW), so the stores are coalesced and the P reads conflict-free.
-// The region costs (16 x 16) / (12 x 12) = 1.8x the 1x1 work of the tile (x re-read from L2);
-// P never leaves the chip. 32-bit offsets within an image when they fit, 64-bit otherwise.
+// An interior tile's region costs (16 x 16) / (12 x 12) = 1.8x its 1x1 work (x re-read from
+// L2); P never leaves the chip. 32-bit offsets within an image when they fit, 64-bit otherwise.
 #include "dfc_gate_kernel.h"
 
 #include <algorithm>
@@ -36,29 +37,31 @@ constexpr int kRegion = kSide * kSide;          // P region pixels
 constexpr int kTC = kDfcChannelBlock;           // channels per block
 constexpr int kTK = 32;                         // input channels per chunk
 constexpr int kWarps = kThreads / 32;
-constexpr int kRegionPerThread = kRegion / kWarps;         // P values a thread accumulates
+constexpr int kPerWarp = kRegion / kWarps;      // region pixels a warp (each of its lanes) owns
 constexpr int kOutPerThread = kTile * kTile * kTC / kThreads;  // gate values a thread writes
+constexpr int kKRow = kTK + 4;                  // pooled / weight rows: 16-byte aligned
 static_assert(kTC == 32, "the lane index is the channel of the 1x1 phase");
 static_assert(kRegion % kWarps == 0 && (kTile * kTile * kTC) % kThreads == 0, "even split");
+static_assert(kTK % 4 == 0 && kKRow % 4 == 0, "float4 reads along the input channels");
 
-// Shared memory: the chunk buffers (pooled [k][pixel], weights [channel][k]) are reused for P
-// ([pixel][channel]) once the last chunk is done; rows padded by one float (bank spreading).
-constexpr int kPooledFloats = kTK * (kRegion + 1);
-constexpr int kWeightFloats = kTC * (kTK + 1);
+// Shared memory: the chunk buffers (pooled [pixel][k], weights [channel][k]) are reused for P
+// ([region pixel][channel], rows padded by one float) once the last chunk is done.
+constexpr int kPooledFloats = kRegion * kKRow;
+constexpr int kWeightFloats = kTC * kKRow;
 constexpr int kPFloats = kRegion * (kTC + 1);
 constexpr int kUnionFloats = kPooledFloats + kWeightFloats > kPFloats
                                  ? kPooledFloats + kWeightFloats : kPFloats;
 
 template <typename T, bool kChannelsLast, typename index_t>
-__global__ void __launch_bounds__(kThreads) dfc_gate_kernel(DfcGateArgs a, int tiles_w) {
-  __shared__ float buffer[kUnionFloats];
+__global__ void __launch_bounds__(kThreads, 4) dfc_gate_kernel(DfcGateArgs a, int tiles_w) {
+  __shared__ __align__(16) float buffer[kUnionFloats];
   __shared__ float taps_h[kTaps][kTC];  // [tap][channel]
   __shared__ float taps_v[kTaps][kTC];
   __shared__ float bias_h[kTC];
   __shared__ float bias_v[kTC];
-  float* pooled = buffer;                  // [kTK][kRegion + 1]
-  float* weights = buffer + kPooledFloats;  // [kTC][kTK + 1]
-  float* P = buffer;                       // [kRegion][kTC + 1], after the last chunk
+  float* pooled = buffer;                   // [kRegion][kKRow]: the rectangle's pixels, then k
+  float* weights = buffer + kPooledFloats;  // [kTC][kKRow]
+  float* P = buffer;                        // [kRegion][kTC + 1], after the last chunk
 
   const T* w = static_cast<const T*>(a.w_proj);
   const index_t Cin = a.in_channels, C = a.channels, H = a.height, W = a.width;
@@ -71,9 +74,13 @@ __global__ void __launch_bounds__(kThreads) dfc_gate_kernel(DfcGateArgs a, int t
   const T* x = static_cast<const T*>(a.x) + b * (a.in_channels * a.height * a.width);
   const index_t dx = kChannelsLast ? Cin : 1, dy = W * dx;  // x: right-hand / lower pixel
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  // region pixel -> pooled coordinates (i0 - 2 + r / kSide, j0 - 2 + r % kSide)
-  auto region_row = [&](int r) { return i0 - kReach + r / kSide; };
-  auto region_col = [&](int r) { return j0 - kReach + r % kSide; };
+  // P is needed on the region (the tile and kReach pixels around it) inside the map: a
+  // rectangle of rows ri0 .. ri0 + rh - 1, columns rj0 .. rj0 + rw - 1, listed row by row.
+  const index_t ri0 = i0 - kReach > 0 ? i0 - kReach : 0;
+  const index_t rj0 = j0 - kReach > 0 ? j0 - kReach : 0;
+  const int rh = static_cast<int>((i0 + kTile + kReach < Hp ? i0 + kTile + kReach : Hp) - ri0);
+  const int rw = static_cast<int>((j0 + kTile + kReach < Wp ? j0 + kTile + kReach : Wp) - rj0);
+  const int count = rh * rw;  // <= kRegion
 
   for (int e = tid; e < kTaps * kTC; e += kThreads) {
     const int t = e / kTC, cc = e % kTC;
@@ -86,51 +93,62 @@ __global__ void __launch_bounds__(kThreads) dfc_gate_kernel(DfcGateArgs a, int t
     bias_v[cc] = cc < cn ? to_float(static_cast<const T*>(a.b_v)[c0 + cc]) : 0.f;
   }
 
-  // 1. P of the region, accumulated over the input chunks; thread: channel `lane`, region pixels
-  //    warp + kWarps * i.
-  float acc[kRegionPerThread];
+  // 1. P of the rectangle, accumulated over the input chunks. Thread: channel `lane`, list
+  //    entries warp * kPerWarp + i (a warp skips the entries past `count` together); four input
+  //    channels per step, as float4 reads (the pooled read is a warp broadcast).
+  float acc[kPerWarp];
 #pragma unroll
-  for (int i = 0; i < kRegionPerThread; ++i) acc[i] = 0.f;
+  for (int i = 0; i < kPerWarp; ++i) acc[i] = 0.f;
+  const int first = warp * kPerWarp;
   for (index_t k0 = 0; k0 < Cin; k0 += kTK) {
-    // the chunk's 2x2 averages; consecutive threads take consecutive addresses of x
-    for (int e = tid; e < kTK * kRegion; e += kThreads) {
-      const int kk = kChannelsLast ? e % kTK : e / kRegion;
-      const int r = kChannelsLast ? e / kTK : e % kRegion;
-      const index_t k = k0 + kk, pi = region_row(r), pj = region_col(r);
+    // the chunk's 2x2 averages (zero past Cin); consecutive threads take consecutive addresses
+    // of x (channels in channels_last, columns in NCHW)
+    for (int e = tid; e < kTK * count; e += kThreads) {
+      const int kk = kChannelsLast ? e % kTK : e / count;
+      const int r = kChannelsLast ? e / kTK : e % count;
+      const index_t k = k0 + kk, pi = ri0 + r / rw, pj = rj0 + r % rw;
       float v = 0.f;
-      if (k < Cin && pi >= 0 && pi < Hp && pj >= 0 && pj < Wp) {
+      if (k < Cin) {
         const index_t at = kChannelsLast ? (2 * pi * W + 2 * pj) * Cin + k
                                          : (k * H + 2 * pi) * W + 2 * pj;
         v = 0.25f * ((to_float(x[at]) + to_float(x[at + dx])) +
                      (to_float(x[at + dy]) + to_float(x[at + dy + dx])));
       }
-      pooled[kk * (kRegion + 1) + r] = v;
+      pooled[r * kKRow + kk] = v;
     }
     for (int e = tid; e < kTC * kTK; e += kThreads) {
       const int kk = e % kTK, cc = e / kTK;  // w is [C, Cin]: k fastest
       const index_t k = k0 + kk;
-      weights[cc * (kTK + 1) + kk] =
-          (k < Cin && cc < cn) ? to_float(w[(c0 + cc) * Cin + k]) : 0.f;
+      weights[cc * kKRow + kk] = (k < Cin && cc < cn) ? to_float(w[(c0 + cc) * Cin + k]) : 0.f;
     }
     __syncthreads();
-    const int chunk = static_cast<int>(Cin - k0 < kTK ? Cin - k0 : kTK);
-    for (int kk = 0; kk < chunk; ++kk) {
-      const float wk = weights[lane * (kTK + 1) + kk];
-      const float* row = pooled + kk * (kRegion + 1) + warp;
+    const int steps = static_cast<int>((Cin - k0 < kTK ? Cin - k0 : kTK) + 3) / 4;
+    for (int s = 0; s < steps; ++s) {
+      const float4 wk = *reinterpret_cast<const float4*>(weights + lane * kKRow + 4 * s);
 #pragma unroll
-      for (int i = 0; i < kRegionPerThread; ++i) acc[i] += row[kWarps * i] * wk;
+      for (int i = 0; i < kPerWarp; ++i) {
+        if (first + i < count) {  // the same for the whole warp
+          const float4 p =
+              *reinterpret_cast<const float4*>(pooled + (first + i) * kKRow + 4 * s);
+          acc[i] += p.x * wk.x + p.y * wk.y + p.z * wk.z + p.w * wk.w;
+        }
+      }
     }
     __syncthreads();  // the next chunk (or P) overwrites the buffers
   }
 
-  // 2. P + bias to shared memory, zero outside the map.
+  // 2. P + bias to shared memory on the whole region, zero outside the map (the 1x5 pads P
+  //    with zeros).
+  for (int e = tid; e < kRegion * (kTC + 1); e += kThreads) P[e] = 0.f;
+  __syncthreads();
   const float bias = lane < cn ? to_float(static_cast<const T*>(a.b_proj)[c0 + lane]) : 0.f;
 #pragma unroll
-  for (int i = 0; i < kRegionPerThread; ++i) {
-    const int r = warp + kWarps * i;
-    const index_t pi = region_row(r), pj = region_col(r);
-    const bool inside = pi >= 0 && pi < Hp && pj >= 0 && pj < Wp;
-    P[r * (kTC + 1) + lane] = inside ? acc[i] + bias : 0.f;
+  for (int i = 0; i < kPerWarp; ++i) {
+    const int r = first + i;
+    if (r < count) {
+      const index_t rr = ri0 + r / rw - (i0 - kReach), rc = rj0 + r % rw - (j0 - kReach);
+      P[(rr * kSide + rc) * (kTC + 1) + lane] = acc[i] + bias;
+    }
   }
   __syncthreads();
 
