@@ -190,7 +190,7 @@ cudaError_t launch_typed(const DfcGateArgs& a, cudaStream_t stream) {
   }
   const dim3 grid(static_cast<unsigned>(tiles_h * tiles_w), static_cast<unsigned>(channel_blocks),
                   static_cast<unsigned>(a.batch));
-  // Within one image every offset (plus the stencil's reach past a tile) must fit the index type.
+  // Every offset within one image (x, gate) and into the weights must fit the index type.
   const int64_t image = a.in_channels * a.height * a.width, gate = a.channels * Hp * Wp;
   const int64_t weights = a.channels * a.in_channels;
   const int64_t largest = std::max({image, gate, weights});
