@@ -5,7 +5,8 @@ The automatic choice is one order of backends per op and device type, measured o
 shapes at batch 1, the fused kernels others), by batch and by card. ``tune(fn, *args)`` runs
 ``fn(*args)`` once (under ``torch.no_grad``) with the automatic choice, recording the first call
 of every ghostkernels op shape it makes; then runs each recorded call on every backend that can
-run it, checks the result against the reference backend's, times it, and installs the fastest as
+run it, checks the result against the reference backend's, times it (on a GPU as replays of a
+CUDA graph of the call, so that host launch overhead does not decide), and installs the fastest as
 the automatic choice for calls of that op with that shape (``backends.call_key``: the tensors'
 shapes and layouts, the other arguments' values), dtype and device type. Afterwards ``fn`` and
 anything else making those calls run on the measured winners; ``use_backend`` and
@@ -81,14 +82,29 @@ def _disagreement(out, expected) -> float:
 
 
 def _time_ms(call, device_type: str, repeats: int, warmup: int) -> float:
-    """Median milliseconds of one ``call()`` over ``repeats`` single-call measurements (CUDA
-    events on a GPU: the GPU time of the call, host launch gaps included when the host is
-    slower than the kernels)."""
+    """Milliseconds of one ``call()``.
+
+    On a GPU the call is captured in a CUDA graph and the graph replayed ``repeats`` times back
+    to back between two CUDA events (the mean): the GPU time of the call without host launch
+    gaps, which is what a model captured in a CUDA graph pays. Timed eagerly, a small call's
+    host time would decide (the reference backend's several PyTorch ops each cost their launch on
+    the host). A call that cannot be captured is timed eagerly: the median of single calls
+    between CUDA events. On the CPU: the median wall time of single calls."""
     for _ in range(warmup):
         call()
-    times = []
     if device_type == "cuda":
+        graph = _captured(call)
         torch.cuda.synchronize()
+        if graph is not None:
+            graph.replay()  # the first replay uploads the graph
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / repeats
+        times = []
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -96,12 +112,30 @@ def _time_ms(call, device_type: str, repeats: int, warmup: int) -> float:
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def _captured(call):
+    """``call()`` captured in a CUDA graph (after a run on a side stream, as capture requires),
+    or None when it cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        return graph
+    except RuntimeError:  # e.g. a host synchronisation inside the call
+        return None
 
 
 def tune(fn, *args, candidates=backends.BACKENDS, repeats: int = 10, warmup: int = 2,

@@ -1,6 +1,8 @@
 """ghostkernels.tune: the backend choice measured per call shape (ghostkernels/tuning.py), on the
 CPU backends (C++ and reference; the mechanism is the same on a GPU, with more candidates). The
 Triton interpreter, a candidate on CPU tensors under TRITON_INTERPRET=1, is left out (slow)."""
+import time
+
 import pytest
 import torch
 
@@ -192,3 +194,28 @@ def test_tuned_for_scopes_the_choices_and_summary_counts_them(monkeypatch):
         assert len(backends._TUNED) == 1 and backends._TUNED != before  # only the block's
         assert tuning.summary(entries + entries) == "ghost_conv=reference x2"
     assert backends._TUNED == before
+
+
+@pytest.mark.gpu
+def test_gpu_times_are_graph_replays_and_uncapturable_calls_fall_back():
+    """On a GPU a call is timed as CUDA-graph replays (no host launch gaps): a call of many
+    tiny kernels costs about its kernels, far less than its eager wall time; a call that
+    synchronises with the host cannot be captured and is timed eagerly."""
+    x = torch.randn(64, device="cuda")
+
+    def many_small_kernels():
+        y = x
+        for _ in range(50):
+            y = y + 1
+        return y
+
+    graphed = tuning._time_ms(many_small_kernels, "cuda", repeats=20, warmup=2)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        many_small_kernels()
+    torch.cuda.synchronize()
+    eager = (time.perf_counter() - t0) * 1e3 / 20
+    assert 0 < graphed < eager
+    assert tuning._captured(lambda: x.sum().item()) is None
+    assert tuning._time_ms(lambda: x.sum().item(), "cuda", repeats=3, warmup=1) > 0
