@@ -30,13 +30,14 @@ def time_ms(fn, device: str, cpu_runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def cuda_graph_replay(fn):
-    """``fn`` (a call on static CUDA tensors) captured in a CUDA graph; returns the graph's
-    ``replay``. Timing replays measures the GPU work without the host's launch overhead."""
+def cuda_graph_replay(fn, warmup: int = 3):
+    """``fn`` (a call on static CUDA tensors) captured in a CUDA graph, after ``warmup`` calls on
+    a side stream; returns the graph's ``replay``. Timing replays measures the GPU work without
+    the host's launch overhead."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):  # warm-up outside the capture (JIT compilation, caches, allocator)
+        for _ in range(warmup):  # outside the capture (JIT compilation, caches, allocator)
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()

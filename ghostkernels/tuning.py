@@ -35,6 +35,7 @@ from typing import Iterator
 import torch
 
 from ghostkernels import backends
+from ghostkernels.benchmark import cuda_graph_replay
 
 # Relative error (in the Frobenius norm) a backend's output may have against the reference
 # backend's on the same inputs: both carry the dtype's rounding, so this is about twice the
@@ -93,14 +94,14 @@ def _time_ms(call, device_type: str, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         call()
     if device_type == "cuda":
-        graph = _captured(call)
+        replay = _captured(call)
         torch.cuda.synchronize()
-        if graph is not None:
-            graph.replay()  # the first replay uploads the graph
+        if replay is not None:
+            replay()  # the first replay uploads the graph
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(repeats):
-                graph.replay()
+                replay()
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / repeats
@@ -122,18 +123,10 @@ def _time_ms(call, device_type: str, repeats: int, warmup: int) -> float:
 
 
 def _captured(call):
-    """``call()`` captured in a CUDA graph (after a run on a side stream, as capture requires),
-    or None when it cannot be captured."""
+    """The ``replay`` of ``call()`` captured in a CUDA graph, or None when it cannot be
+    captured."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            call()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            call()
-        return graph
+        return cuda_graph_replay(call, warmup=1)
     except RuntimeError:  # e.g. a host synchronisation inside the call
         return None
 

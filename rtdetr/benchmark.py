@@ -72,11 +72,11 @@ def backends_note(device: str, dtype: torch.dtype, backbone_fused: bool) -> str:
 
 
 def _target(model, postprocessor, part):
-    """(module, whether it takes the sizes) timed for ``part`` of the detector."""
-    from rtdetr.runtime import EndToEndDetector
+    """(module, postprocessor or None) timed for ``part`` of the detector: the model with its
+    postprocessor, or a prefix of its forward alone."""
     if part == FULL:
-        return EndToEndDetector(model, postprocessor), True
-    return DetectorPrefix(model, part), False
+        return model, postprocessor
+    return DetectorPrefix(model, part), None
 
 
 def run_mode(mode, model, postprocessor, images, sizes, device, cpu_runs, compile_backend,
@@ -112,28 +112,29 @@ def run_mode(mode, model, postprocessor, images, sizes, device, cpu_runs, compil
 def _time_part(mode, model, postprocessor, images, sizes, device, cpu_runs, compile_backend,
                part) -> tuple[float, str]:
     """(milliseconds, note suffix) of ``part`` in ``mode`` (tuning and backends already set)."""
-    from rtdetr.runtime import CudaGraphDetector, compile_detector
-    module, with_sizes = _target(model, postprocessor, part)
+    from rtdetr.runtime import CudaGraphDetector, EndToEndDetector, compile_detector
+    module, post = _target(model, postprocessor, part)
+    inputs = (images,) if post is None else (images, sizes)
     if mode == "folded + fused + CUDA graph":
-        graphed = CudaGraphDetector(model if with_sizes else module, images.shape[0],
-                                    images.shape[2], images.shape[3], images.dtype,
-                                    postprocessor=postprocessor if with_sizes else None,
+        graphed = CudaGraphDetector(module, images.shape[0], images.shape[2], images.shape[3],
+                                    images.dtype, postprocessor=post,
                                     channels_last=not images.is_contiguous())
-        graphed(*((images, sizes) if with_sizes else (images,)))  # copies into the buffers
+        graphed(*inputs)  # copies the inputs into the static buffers
         return time_ms(graphed.replay, device, cpu_runs), ""
     if mode == "torch.compile":
-        module = compile_detector(model if with_sizes else module,
-                                  postprocessor if with_sizes else None, backend=compile_backend)
-    call = (lambda: module(images, sizes)) if with_sizes else (lambda: module(images))
+        call = compile_detector(module, post, backend=compile_backend)
+    else:
+        call = module if post is None else EndToEndDetector(module, post)
     with torch.no_grad():
         if mode != "torch.compile":
-            return time_ms(call, device, cpu_runs), ""
+            return time_ms(lambda: call(*inputs), device, cpu_runs), ""
         start = time.perf_counter()
-        call()
+        call(*inputs)
         if device == "cuda":
             torch.cuda.synchronize()
         first = time.perf_counter() - start
-        return time_ms(call, device, cpu_runs), f"; {compile_backend}, first call {first:.0f} s"
+        ms = time_ms(lambda: call(*inputs), device, cpu_runs)
+    return ms, f"; {compile_backend}, first call {first:.0f} s"
 
 
 def bench_model(key, batches, size, device, dtype, channels_last, modes, cpu_runs,

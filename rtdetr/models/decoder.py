@@ -19,6 +19,7 @@ from ghostkernels.nn import MSDeformAttn
 from rtdetr.models.backbone.presnet import ConvNorm, make_activation
 from rtdetr.models.box_ops import inverse_sigmoid
 from rtdetr.models.denoising import contrastive_denoising_group
+from rtdetr.models.size_cache import cached
 
 PRIOR_PROB = 0.01
 MAX_ANCHOR_CACHE = 8
@@ -146,23 +147,18 @@ class RTDETRDecoder(nn.Module):
         """Logit-space anchors ``[1, S, 4]`` (invalid -> +inf) and valid mask ``[1, S, 1]`` for the
         given (h, w) per level; cached per size (at most a few sizes)."""
         key = (tuple(map(tuple, spatial_shapes)), str(device), dtype)
-        if key not in self._anchor_cache:
-            if len(self._anchor_cache) >= MAX_ANCHOR_CACHE:
-                self._anchor_cache.clear()
-            self._anchor_cache[key] = generate_anchors(spatial_shapes, self.eps, device, dtype)
-        return self._anchor_cache[key]
+        return cached(self._anchor_cache, key,
+                      lambda: generate_anchors(spatial_shapes, self.eps, device, dtype),
+                      MAX_ANCHOR_CACHE)
 
     def level_metadata(self, spatial_shapes: Sequence[tuple[int, int]], device):
         """``spatial_shapes`` [L, 2] and ``level_start_index`` [L] as int64 tensors on
         ``device``, cached per size: no host-to-device copy per forward (CUDA-graph capturable)."""
-        key = ("levels", tuple(map(tuple, spatial_shapes)), str(device))
-        if key not in self._anchor_cache:
-            if len(self._anchor_cache) >= MAX_ANCHOR_CACHE:
-                self._anchor_cache.clear()
+        def build():
             shapes = torch.tensor(spatial_shapes, dtype=torch.long, device=device)
-            starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
-            self._anchor_cache[key] = (shapes, starts)
-        return self._anchor_cache[key]
+            return shapes, torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+        key = ("levels", tuple(map(tuple, spatial_shapes)), str(device))
+        return cached(self._anchor_cache, key, build, MAX_ANCHOR_CACHE)
 
     # ---------------------------------------------------------------- forward
     def _flatten_memory(self, feats: Sequence[torch.Tensor]):

@@ -14,6 +14,7 @@ from torch import nn
 
 from ghostkernels.fold import conv_with, fold_conv_bn, pad_kernel_to, sum_branches
 from rtdetr.models.backbone.presnet import ConvNorm, make_activation
+from rtdetr.models.size_cache import cached
 
 MAX_POSITION_CACHE = 8  # cached AIFI position embeddings (sizes x devices x dtypes) per encoder
 
@@ -153,13 +154,10 @@ class HybridEncoder(nn.Module):
     def position_embedding(self, height: int, width: int, device, dtype) -> torch.Tensor:
         """The AIFI layer's sin-cos embedding for a height x width map, cached per size, device
         and dtype: a constant, so a forward does not rebuild it (a dozen small kernels on a GPU)."""
-        key = (height, width, str(device), dtype)
-        if key not in self._position_cache:
-            if len(self._position_cache) >= MAX_POSITION_CACHE:
-                self._position_cache.clear()
-            self._position_cache[key] = sincos_position_embedding(
-                height, width, self.hidden_dim, self.pe_temperature, device, dtype)
-        return self._position_cache[key]
+        return cached(self._position_cache, (height, width, str(device), dtype),
+                      lambda: sincos_position_embedding(height, width, self.hidden_dim,
+                                                        self.pe_temperature, device, dtype),
+                      MAX_POSITION_CACHE)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(feats) != len(self.in_channels):

@@ -1,0 +1,18 @@
+"""Per-size constants of a forward (anchors, level tables, position embeddings), built once."""
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def cached(cache: dict, key, build: Callable[[], T], limit: int) -> T:
+    """``cache[key]``, built with ``build()`` on first use. The cache holds at most ``limit``
+    entries (a model meets a few input sizes, devices and dtypes): when full it is cleared, so
+    it never grows without bound. Tensors built once per size also keep a forward free of
+    host-to-device copies (CUDA-graph capturable)."""
+    if key not in cache:
+        if len(cache) >= limit:
+            cache.clear()
+        cache[key] = build()
+    return cache[key]
