@@ -34,6 +34,8 @@ def cuda_graph_replay(fn, warmup: int = 3):
     """``fn`` (a call on static CUDA tensors) captured in a CUDA graph, after ``warmup`` calls on
     a side stream; returns the graph's ``replay``. Timing replays measures the GPU work without
     the host's launch overhead."""
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

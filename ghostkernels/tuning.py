@@ -141,6 +141,9 @@ def tune(fn, *args, candidates=backends.BACKENDS, repeats: int = 10, warmup: int
     bad = [b for b in candidates if b not in backends.BACKENDS]
     if bad:
         raise ValueError(f"candidates must be among {backends.BACKENDS}, got {bad}")
+    for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     with backends.recording_calls() as calls, torch.no_grad():
         fn(*args, **kwargs)
     results = []

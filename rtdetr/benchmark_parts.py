@@ -51,6 +51,8 @@ class DetectorPrefix(nn.Module):
 
 def part_label(mode: str, part: str) -> str:
     """The implementation column of a row: the mode alone for the full detector."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     return mode if part == FULL else f"{mode} [{part}]"
 
 
@@ -59,6 +61,8 @@ def backbone_budget(rows, reference: str, factor: float = 1.5) -> None:
     a full row in the same case and mode, and where the ``reference`` model has a full row there
     too, append to the row's note the backbone time at which the model would be ``factor`` times
     faster than the reference: ``T_ref / factor - (T_model - backbone_model)``."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+        raise ValueError(f"factor must be a number > 0, got {factor!r}")
     full = {(r.group, r.case, r.implementation): r.ms for r in rows}
     for row in rows:
         suffix = f" [{PARTS[0]}]"

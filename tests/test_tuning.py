@@ -219,3 +219,15 @@ def test_gpu_times_are_graph_replays_and_uncapturable_calls_fall_back():
     assert 0 < graphed < eager
     assert tuning._captured(lambda: x.sum().item()) is None
     assert tuning._time_ms(lambda: x.sum().item(), "cuda", repeats=3, warmup=1) > 0
+
+
+def test_bad_repeats_or_warmup_are_refused_before_running_anything():
+    ran = []
+    for kwargs, name in (({"repeats": 0}, "repeats"), ({"warmup": -1}, "warmup"),
+                         ({"repeats": 2.5}, "repeats"), ({"warmup": True}, "warmup")):
+        with pytest.raises(ValueError, match=f"{name} must be an int"):
+            ghostkernels.tune(lambda: ran.append(1), **kwargs)
+    assert ran == []
+    from ghostkernels.benchmark import cuda_graph_replay
+    with pytest.raises(ValueError, match="warmup must be an int >= 0, got -1"):
+        cuda_graph_replay(lambda: None, warmup=-1)

@@ -154,6 +154,8 @@ class HybridEncoder(nn.Module):
     def position_embedding(self, height: int, width: int, device, dtype) -> torch.Tensor:
         """The AIFI layer's sin-cos embedding for a height x width map, cached per size, device
         and dtype: a constant, so a forward does not rebuild it (a dozen small kernels on a GPU)."""
+        if height < 1 or width < 1:
+            raise ValueError(f"height and width must be positive, got {height} x {width}")
         return cached(self._position_cache, (height, width, str(device), dtype),
                       lambda: sincos_position_embedding(height, width, self.hidden_dim,
                                                         self.pe_temperature, device, dtype),

@@ -11,6 +11,8 @@ def cached(cache: dict, key, build: Callable[[], T], limit: int) -> T:
     entries (a model meets a few input sizes, devices and dtypes): when full it is cleared, so
     it never grows without bound. Tensors built once per size also keep a forward free of
     host-to-device copies (CUDA-graph capturable)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be an int >= 1, got {limit!r}")
     if key not in cache:
         if len(cache) >= limit:
             cache.clear()

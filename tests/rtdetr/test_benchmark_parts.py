@@ -82,3 +82,11 @@ def test_bench_breakdown_rows(tmp_path):
     expected = (ms[("RT-DETR-R18", "folded + fused")] / 1.5
                 - (ms[(ghost, "folded + fused")] - backbone))
     assert budget == pytest.approx(expected, abs=1e-3)
+
+
+def test_part_label_and_budget_reject_bad_arguments():
+    with pytest.raises(ValueError, match="part must be one of .*got 'head'"):
+        part_label("m", "head")
+    for factor in (0, -1.5, "1.5", True):
+        with pytest.raises(ValueError, match="factor must be a number > 0"):
+            backbone_budget([], "B", factor)

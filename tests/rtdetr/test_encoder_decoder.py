@@ -291,3 +291,16 @@ def test_query_selection_equals_box_head_over_every_position_then_top_k():
     expect = torch.autograd.grad(expect_ref[finite].sum(), list(dec.enc_bbox_head.parameters()))
     for g, e in zip(grads, expect):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_size_cache_and_position_embedding_reject_bad_arguments():
+    from rtdetr.models.size_cache import cached
+    for limit in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="limit must be an int >= 1"):
+            cached({}, "k", lambda: 1, limit)
+    cache = {}
+    assert cached(cache, "k", lambda: 1, 1) == 1 and cached(cache, "k", lambda: 2, 1) == 1
+    assert cached(cache, "j", lambda: 3, 1) == 3 and list(cache) == ["j"]  # full: cleared
+    enc = HybridEncoder(in_channels=(8, 16, 32), hidden_dim=32, nhead=4, dim_feedforward=64)
+    with pytest.raises(ValueError, match="height and width must be positive, got 0 x 3"):
+        enc.position_embedding(0, 3, torch.device("cpu"), torch.float32)
