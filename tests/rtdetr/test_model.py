@@ -151,8 +151,7 @@ def test_deploy_equals_unfolded_eval_model_and_leaves_no_norm(case):
     # every conv+BN folded: backbone, encoder (input projections, CSP, lateral/downsample convs)
     # and the decoder's input projections
     assert [n for n, m in model.named_modules() if isinstance(m, norms)] == []
-    for key in ("pred_logits", "pred_boxes"):
-        assert ((out[key] - ref[key]).norm() / ref[key].norm()).item() < 1e-10
+    assert_same_queries(out, ref, tol=1e-10)
     model.deploy()  # idempotent
     with torch.no_grad():
         again = model(x)
@@ -199,8 +198,9 @@ def test_channels_last_model_stays_channels_last_through_deploy_and_the_encoder(
     randomize_bn(model)
     model.eval()
     x = torch.rand(2, 3, 64, 96)
+    reference = copy.deepcopy(model).deploy()
     with torch.no_grad():
-        ref = copy.deepcopy(model).deploy()(x)
+        ref = reference(x)
     model = model.to(memory_format=torch.channels_last).deploy()
     wrong = [n for n, p in model.named_parameters()
              if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last)]
@@ -208,8 +208,25 @@ def test_channels_last_model_stays_channels_last_through_deploy_and_the_encoder(
     xc = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         maps = model.encoder(model.backbone(xc))
+        ref_maps = reference.encoder(reference.backbone(x))
         out = model(xc)
     assert all(m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous()
                for m in maps)
-    for key in ("pred_logits", "pred_boxes"):
-        assert ((out[key] - ref[key]).norm() / ref[key].norm()).item() < 1e-5
+    for m, r in zip(maps, ref_maps, strict=True):
+        assert ((m - r).norm() / r.norm()).item() < 1e-5
+    assert_same_queries(out, ref, tol=1e-5)
+
+
+def assert_same_queries(out: dict, ref: dict, tol: float) -> None:
+    """The decoder outputs agree up to the order of the queries: the encoder's top-k query
+    selection may rank two near-equal scores differently when the convolutions sum in another
+    order (a measured case: float32 NCHW swapped two queries that float64 and channels_last kept
+    in order). Each query's (logits, box) must match exactly one reference query."""
+    rows = torch.cat([out["pred_logits"], out["pred_boxes"]], -1)
+    ref_rows = torch.cat([ref["pred_logits"], ref["pred_boxes"]], -1)
+    assert rows.shape == ref_rows.shape
+    for b in range(rows.shape[0]):
+        nearest = torch.cdist(rows[b], ref_rows[b]).argmin(-1)
+        assert sorted(nearest.tolist()) == list(range(rows.shape[1])), f"image {b}: {nearest}"
+        matched = ref_rows[b, nearest]
+        assert ((rows[b] - matched).norm() / matched.norm()).item() < tol
