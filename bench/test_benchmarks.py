@@ -27,8 +27,9 @@ from bench.bench_ghost import SHAPES as GHOST_SHAPES
 from bench.bench_ghost import ghost_weights
 from bench.bench_msda import CASES as MSDA_CASES
 from bench.bench_msda import make_case
-from ghostkernels import (backends, depthwise_conv, dfc_gate, ghost_conv, ms_deform_attn,
-                          se_excitation, use_backend)
+from bench.bench_ghost_depthwise import SHAPES as GHOST_DEPTHWISE_ALL_SHAPES
+from ghostkernels import (backends, depthwise_conv, dfc_gate, ghost_conv, ghost_conv_depthwise,
+                          ms_deform_attn, se_excitation, use_backend)
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -43,6 +44,9 @@ FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 DFC_SHAPES = {"72->72 @80": (72, 72, 80), "120->120 @80": (120, 120, 80),
               "480->480 @40": (480, 480, 40)} if GPU else {"120->120 @80": (120, 120, 80)}
 SE_SHAPES = {"72:20": (72, 20), "480:120": (480, 120), "960:240": (960, 240)}
+# GhostNetV3-1.0's stride-2 bottlenecks (ghost1 + stride-2 depthwise conv; bench_ghost_depthwise)
+GHOST_DEPTHWISE_SHAPES = GHOST_DEPTHWISE_ALL_SHAPES if GPU else {
+    "40->240 @80 k3": GHOST_DEPTHWISE_ALL_SHAPES["40->240 @80 k3"]}
 
 
 def _backends(op: str, dtype: torch.dtype) -> list[str]:
@@ -154,6 +158,26 @@ def test_dfc_gate(benchmark, shape, batch, fmt, backend):
     with torch.no_grad():
         _run(benchmark, f"dfc-gate B{batch} {shape} {_dtype_id(CONV_DTYPE)} {fmt}", backend,
              lambda: dfc_gate(x, *params))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", list(GHOST_DEPTHWISE_SHAPES))
+@pytest.mark.parametrize("backend", _backends("ghost_conv_depthwise", CONV_DTYPE))
+def test_ghost_conv_depthwise(benchmark, shape, batch, fmt, backend):
+    cin, cout, hw, k, has_gate = GHOST_DEPTHWISE_SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cin, hw, hw, generator=g).to(DEVICE, CONV_DTYPE)
+    x = x.contiguous(memory_format=FORMATS[fmt])
+    w1, b1, w2, b2 = ghost_weights(cin, cout, DEVICE, CONV_DTYPE, g)
+    wd = (torch.randn(cout, 1, k, k, generator=g) / k).to(DEVICE, CONV_DTYPE)
+    gate = None
+    if has_gate:
+        gate = torch.rand(batch, cout, hw // 2, hw // 2, generator=g).to(DEVICE, CONV_DTYPE)
+        gate = gate.contiguous(memory_format=FORMATS[fmt])
+    with torch.no_grad():
+        _run(benchmark, f"ghost+dw-s2 B{batch} {shape} {_dtype_id(CONV_DTYPE)} {fmt}", backend,
+             lambda: ghost_conv_depthwise(x, w1, b1, w2, b2, wd, None, gate=gate))
 
 
 @pytest.mark.parametrize("batch", BATCHES)

@@ -33,7 +33,8 @@ class _Parsed(Exception):
 
 def test_gpu_check_runs_the_bench_modules():
     modules = {module for module, _ in COMMANDS}
-    assert {"bench.bench_msda", "bench.bench_ghost", "bench.bench_backbone",
+    assert {"bench.bench_msda", "bench.bench_ghost", "bench.bench_ghost_depthwise",
+            "bench.bench_backbone",
             "bench.bench_detector", "bench.sweep_triton", "bench.profile_kernels"} <= modules
 
 

@@ -71,6 +71,18 @@ def _ghost_launches():
                                residual=residual)
 
 
+def _ghost_depthwise_launches():
+    from ghostkernels.triton import ghost_conv_depthwise
+    for dtype, fmt, x in _conv_inputs():
+        w1, b1 = torch.randn(8, 12).to(dtype), torch.randn(8).to(dtype)
+        wc, bc = torch.randn(8, 9).to(dtype), torch.randn(8).to(dtype)
+        gate = torch.rand(2, 14, 4, 5).to(dtype).contiguous(memory_format=fmt)
+        for k, stride in ((3, 2), (5, 1)):
+            wd, bd = torch.randn(14, k * k).to(dtype), torch.randn(14).to(dtype)
+            ghost_conv_depthwise.forward(x, w1, b1, wc, bc, wd, bd, k, stride, True, True, False,
+                                         14, input_scale=torch.rand(2, 12).to(dtype), gate=gate)
+
+
 def _depthwise_launches():
     from ghostkernels.triton import depthwise_conv
     for dtype, fmt, x in _conv_inputs():
@@ -248,16 +260,44 @@ def test_ghost_halo_kernel_does_not_spill_at_ghostnet_shapes(tmp_path):
     assert not [r for r in results if r["stack_bytes"] > MAX_STACK_BYTES], results
 
 
+# GhostNetV3-1.0's stride-2 bottlenecks at 640x640: ghost1 (input channels, output channels),
+# the depthwise kernel size, the input size
+GHOSTNET_GHOST_DEPTHWISE = ((16, 48, 3, 320), (24, 72, 5, 160), (40, 240, 3, 80),
+                            (112, 672, 5, 40))
+
+
+def test_ghost_depthwise_kernel_does_not_spill_at_ghostnet_shapes(tmp_path):
+    """A static resource check (not a timing) of the default ghost_conv_depthwise launches at the
+    stride-2 bottlenecks, fp16, both formats, with the DFC gate (the last three; the first block
+    has none)."""
+    from ghostkernels.triton import ghost_conv_depthwise
+    with record_launches() as launches:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for i, (cin, cout, k, size) in enumerate(GHOSTNET_GHOST_DEPTHWISE):
+                c1 = cout // 2
+                x = torch.empty(32, cin, size, size, dtype=torch.float16).contiguous(
+                    memory_format=fmt)
+                params = [torch.empty(*shape).half() for shape in (
+                    (c1, cin), (c1,), (c1, 9), (c1,), (cout, k * k), (cout,))]
+                gate = None if i == 0 else torch.empty(32, cout, size // 2, size // 2).half(
+                    ).contiguous(memory_format=fmt)
+                ghost_conv_depthwise.forward(x, *params, k, 2, True, True, False, cout,
+                                             gate=gate)
+    results = _compile_with_resources(launches, tmp_path)
+    assert not [r for r in results if r["stack_bytes"] > MAX_STACK_BYTES], results
+
+
 def test_every_triton_launch_compiles_for_sm90(tmp_path):
     with record_launches() as launches:
         _msda_launches()
         _ghost_launches()
+        _ghost_depthwise_launches()
         _depthwise_launches()
         _dfc_launches()
         _se_launches()
     kernels = {launch["kernel"] for launch in launches}
     assert {"_ms_deform_attn_fwd_kernel", "_ms_deform_attn_bwd_kernel", "_ghost_conv_kernel",
-            "_ghost_halo_kernel",
+            "_ghost_halo_kernel", "_ghost_depthwise_kernel",
             "_depthwise_kernel", "_pool_project_kernel", "_stencil_sigmoid_kernel",
             "_se_excitation_kernel"} <= kernels, kernels
     results = _compile_for_sm90(launches, tmp_path)

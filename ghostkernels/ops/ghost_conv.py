@@ -211,33 +211,11 @@ def check_epilogues(x: torch.Tensor, out_channels: int, input_scale, gate, resid
         check_same_dtype_device("residual", residual, x)
 
 
-def ghost_conv(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tensor | None,
-               w_cheap: torch.Tensor, b_cheap: torch.Tensor | None, act_primary: str | None = "relu",
-               act_cheap: str | None = "relu", out_channels: int | None = None, *,
-               input_scale: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The folded Ghost module: ``cat(x1, x2)[:, :out_channels]`` in one pass, with optional
-    fused input scaling, gating and residual add.
-
-    Args:
-        x: ``[B, Cin, H, W]``, float64/float32/float16/bfloat16, NCHW or channels_last.
-        w_primary: ``[C1, Cin, 1, 1]`` or ``[C1, Cin]``, the folded 1x1 conv.
-        b_primary: ``[C1]`` or None (zeros).
-        w_cheap: ``[C1, 1, 3, 3]``, the folded depthwise 3x3 conv (padding 1).
-        b_cheap: ``[C1]`` or None (zeros).
-        act_primary, act_cheap: ``"relu"`` or ``"none"`` (None means ``"none"``).
-        out_channels: ``C1 <= out_channels <= 2*C1`` (default ``2*C1``); like timm's GhostModule
-            the result is ``cat(x1, x2)[:, :out_channels]``.
-        input_scale: ``[B, Cin]`` or None: x is read as ``x * input_scale[:, :, None, None]``
-            (a squeeze-excitation of the previous layer).
-        gate: ``[B, out_channels, Hg, Wg]`` or None: the output (both halves, after the
-            activations and the slice) is multiplied by the gate upsampled to ``H x W`` by nearest
-            neighbour, ``gate[:, :, (h * Hg) // H, (w * Wg) // W]`` (GhostNetV3's DFC attention).
-        residual: ``[B, out_channels, H, W]`` or None: added to the output last (after the gate).
-
-    Returns:
-        ``[B, out_channels, H, W]`` of x's dtype, in x's memory format.
-    """
+def ghost_conv_arguments(x, w_primary, b_primary, w_cheap, b_cheap, act_primary, act_cheap,
+                         out_channels, input_scale, gate, residual):
+    """The public Ghost op's arguments validated (clear errors naming the argument) and in the
+    kernel contract's form: ``(x, w_primary [C1, Cin], b_primary [C1], w_cheap [C1, 9],
+    b_cheap [C1], relu_primary, relu_cheap, out_channels)``, biases zeros for None."""
     require_tensor("x", x)
     require_tensor("w_primary", w_primary)
     require_tensor("w_cheap", w_cheap)
@@ -278,9 +256,42 @@ def ghost_conv(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tensor
         raise ValueError(f"out_channels must be in [C1, 2*C1] = [{C1}, {2 * C1}] (C1 from "
                          f"w_primary), got {out_channels}")
     check_epilogues(x, out_channels, input_scale, gate, residual)
+    return (x, w_primary.reshape(C1, Cin), b_primary, w_cheap.reshape(C1, 9), b_cheap,
+            relu_primary, relu_cheap, out_channels)
+
+
+def ghost_conv(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tensor | None,
+               w_cheap: torch.Tensor, b_cheap: torch.Tensor | None, act_primary: str | None = "relu",
+               act_cheap: str | None = "relu", out_channels: int | None = None, *,
+               input_scale: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The folded Ghost module: ``cat(x1, x2)[:, :out_channels]`` in one pass, with optional
+    fused input scaling, gating and residual add.
+
+    Args:
+        x: ``[B, Cin, H, W]``, float64/float32/float16/bfloat16, NCHW or channels_last.
+        w_primary: ``[C1, Cin, 1, 1]`` or ``[C1, Cin]``, the folded 1x1 conv.
+        b_primary: ``[C1]`` or None (zeros).
+        w_cheap: ``[C1, 1, 3, 3]``, the folded depthwise 3x3 conv (padding 1).
+        b_cheap: ``[C1]`` or None (zeros).
+        act_primary, act_cheap: ``"relu"`` or ``"none"`` (None means ``"none"``).
+        out_channels: ``C1 <= out_channels <= 2*C1`` (default ``2*C1``); like timm's GhostModule
+            the result is ``cat(x1, x2)[:, :out_channels]``.
+        input_scale: ``[B, Cin]`` or None: x is read as ``x * input_scale[:, :, None, None]``
+            (a squeeze-excitation of the previous layer).
+        gate: ``[B, out_channels, Hg, Wg]`` or None: the output (both halves, after the
+            activations and the slice) is multiplied by the gate upsampled to ``H x W`` by nearest
+            neighbour, ``gate[:, :, (h * Hg) // H, (w * Wg) // W]`` (GhostNetV3's DFC attention).
+        residual: ``[B, out_channels, H, W]`` or None: added to the output last (after the gate).
+
+    Returns:
+        ``[B, out_channels, H, W]`` of x's dtype, in x's memory format.
+    """
+    (x, w_primary, b_primary, w_cheap, b_cheap, relu_primary, relu_cheap,
+     out_channels) = ghost_conv_arguments(x, w_primary, b_primary, w_cheap, b_cheap, act_primary,
+                                          act_cheap, out_channels, input_scale, gate, residual)
     if backends.wants_plain_ops(OP, x):  # exporters, or a compiler that can fuse them
-        return reference.forward(x, w_primary.reshape(C1, Cin), b_primary, w_cheap.reshape(C1, 9),
-                                 b_cheap, relu_primary, relu_cheap, out_channels, input_scale,
-                                 gate, residual)
-    return _ghost_conv_call(x, w_primary, b_primary, w_cheap.reshape(C1, 9), b_cheap,
-                            relu_primary, relu_cheap, out_channels, input_scale, gate, residual)
+        return reference.forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary,
+                                 relu_cheap, out_channels, input_scale, gate, residual)
+    return _ghost_conv_call(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary, relu_cheap,
+                            out_channels, input_scale, gate, residual)

@@ -168,16 +168,18 @@ def _folded_pair(width=0.5):
     return net.reparameterize(use_fused_ops=False)
 
 
-def _expected_fused_extras(net: GhostNetV3) -> list[set]:
-    """The extras each ghost_conv call of one forward must get: ghost1 its DFC gate (bottlenecks
-    2..15), ghost2 the SE excitation as input_scale (where there is SE) and the shortcut as
-    residual (every bottleneck)."""
+def _expected_fused_extras(net: GhostNetV3, fused_depthwise: bool) -> list[tuple[str, set]]:
+    """The (op, extras) of each Ghost call of one forward: ghost1 gets its DFC gate (bottlenecks
+    2..15) and, in the stride-2 bottlenecks, is a ghost_conv_depthwise call (``fused_depthwise``:
+    where the backend has that op); ghost2 gets the SE excitation as input_scale (where there is
+    SE) and the shortcut as residual (every bottleneck)."""
     expected = []
     for m in net.modules():
         if isinstance(m, GhostBottleneckV3):
-            expected.append({"gate"} if m.ghost1.dfc else set())
-            expected.append({"residual"} | (
-                {"input_scale"} if isinstance(m.se, SqueezeExcite) else set()))
+            op = "ghost_conv_depthwise" if fused_depthwise and m.stride > 1 else "ghost_conv"
+            expected.append((op, {"gate"} if m.ghost1.dfc else set()))
+            expected.append(("ghost_conv", {"residual"} | (
+                {"input_scale"} if isinstance(m.se, SqueezeExcite) else set())))
     return expected
 
 
@@ -192,12 +194,17 @@ def test_fused_ops_match_plain_pytorch(channels_last, backend, monkeypatch):
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     calls, gate_calls, se_calls = [], [], []
-    ghost_conv, dfc_gate = ghostkernels.ghost_conv, ghostkernels.dfc_gate
+    dfc_gate = ghostkernels.dfc_gate
     se_excitation = ghostkernels.se_excitation
 
-    def recording_ghost_conv(*args, **kwargs):
-        calls.append({k for k in ("input_scale", "gate", "residual") if kwargs.get(k) is not None})
-        return ghost_conv(*args, **kwargs)
+    def recording(name):
+        op = getattr(ghostkernels, name)
+
+        def call(*args, **kwargs):
+            calls.append((name, {k for k in ("input_scale", "gate", "residual")
+                                 if kwargs.get(k) is not None}))
+            return op(*args, **kwargs)
+        return call
 
     def recording_dfc_gate(*args, **kwargs):
         gate_calls.append(args[0].shape)
@@ -207,7 +214,8 @@ def test_fused_ops_match_plain_pytorch(channels_last, backend, monkeypatch):
         se_calls.append(args[0].shape)
         return se_excitation(*args, **kwargs)
 
-    monkeypatch.setattr(ghostkernels, "ghost_conv", recording_ghost_conv)
+    monkeypatch.setattr(ghostkernels, "ghost_conv", recording("ghost_conv"))
+    monkeypatch.setattr(ghostkernels, "ghost_conv_depthwise", recording("ghost_conv_depthwise"))
     monkeypatch.setattr(ghostkernels, "dfc_gate", recording_dfc_gate)
     monkeypatch.setattr(ghostkernels, "se_excitation", recording_se_excitation)
     with torch.no_grad():
@@ -222,23 +230,54 @@ def test_fused_ops_match_plain_pytorch(channels_last, backend, monkeypatch):
     if channels_last:
         assert out[0].is_contiguous(memory_format=torch.channels_last)
     # every fused site ran on the fused path (both forwards walk all 16 bottlenecks)
-    expected = _expected_fused_extras(net)
+    # (ghost1 and the stride-2 depthwise conv are one call where the forced backend has the op:
+    # the reference does, the cpu backend does not and runs ghost_conv, then depthwise_conv)
+    fused_depthwise = backend in ghostkernels.backends.implementations("ghost_conv_depthwise")
+    assert backend != "reference" or fused_depthwise
+    expected = _expected_fused_extras(net, fused_depthwise)
     assert calls == expected * 2
+    assert sum(op == "ghost_conv_depthwise" for op, _ in expected) == (4 if fused_depthwise else 0)
     for extra in ("input_scale", "gate", "residual"):
-        assert any(extra in e for e in expected), extra
+        assert any(extra in e for _, e in expected), extra
     # the gates come from ghostkernels.dfc_gate where the forced backend implements it (the
     # reference does; without a dfc_gate kernel they run on depthwise_conv)
-    gated = sum("gate" in e for e in expected)
+    gated = sum("gate" in e for _, e in expected)
     assert gated == 14
     has_dfc_gate = backend in ghostkernels.backends.implementations("dfc_gate")
     assert len(gate_calls) == (2 * gated if has_dfc_gate else 0)
     assert backend != "reference" or has_dfc_gate
     # likewise the SE excitations from ghostkernels.se_excitation (else plain 1x1 convs)
-    excited = sum("input_scale" in e for e in expected)
+    excited = sum("input_scale" in e for _, e in expected)
     assert excited == 7
     has_se_excitation = backend in ghostkernels.backends.implementations("se_excitation")
     assert len(se_calls) == (2 * excited if has_se_excitation else 0)
     assert backend != "reference" or has_se_excitation
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "triton"))
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_stride2_bottleneck_runs_ghost1_and_its_depthwise_conv_as_one_op(kernel_size, backend,
+                                                                        monkeypatch):
+    """A folded stride-2 bottleneck with DFC and SE on the fused ops: ghost1 and the stride-2
+    depthwise conv are one ghost_conv_depthwise call (Triton: the fused kernel), and the block's
+    output equals the plain PyTorch one."""
+    require(backend, "ghost_conv_depthwise", torch.float32)
+    block = GhostBottleneckV3(8, 24, 12, kernel_size=kernel_size, stride=2, se_ratio=0.25,
+                              dfc=True)
+    randomize_bn(block).eval()
+    block.reparameterize()
+    x = torch.rand(2, 8, 19, 14).to(memory_format=torch.channels_last)
+    calls = []
+    op = ghostkernels.ghost_conv_depthwise
+    monkeypatch.setattr(ghostkernels, "ghost_conv_depthwise",
+                        lambda *a, **k: calls.append(k["stride"]) or op(*a, **k))
+    with torch.no_grad():
+        plain = block(x)
+        block.set_fused_ops(True)
+        with use_backend(backend):
+            fused = block(x)
+    assert calls == [2] and fused.shape == plain.shape == (2, 12, 10, 7)
+    assert rel_err(fused, plain) < 1e-5
 
 
 def test_fused_forward_dispatches_a_third_of_the_plain_ops():

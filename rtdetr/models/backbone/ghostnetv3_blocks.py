@@ -19,7 +19,9 @@ convolutions beat the fused kernels (BENCHMARKS.md). On fused ops the small
 elementwise steps around each Ghost module go into its ``ghost_conv`` call: the DFC gate (computed
 at half resolution, upsampled inside the kernel) as ghost1's ``gate``, the SE excitation as
 ghost2's ``input_scale`` (its MLP after the channel means one ``ghostkernels.se_excitation``
-call) and the shortcut as ghost2's ``residual``.
+call) and the shortcut as ghost2's ``residual``; in a stride-2 bottleneck ghost1 and the
+stride-2 depthwise conv are one ``ghostkernels.ghost_conv_depthwise`` call (where the backend
+selection has that op; a forced backend without it runs the two ops).
 """
 from __future__ import annotations
 
@@ -195,17 +197,32 @@ class GhostModuleV3(nn.Module):
             out = out * F.interpolate(gate, size=out.shape[-2:], mode="nearest")
         return out if residual is None else out + residual
 
+    def _gate_fused(self, x, input_scale) -> torch.Tensor | None:
+        """The DFC gate's low-resolution path on the (scaled) input, or None without DFC."""
+        if not self.dfc:
+            return None
+        gate_input = x if input_scale is None else x * input_scale[:, :, None, None]
+        return _dfc_gate_low_res(self.short_conv, gate_input, fused=True)
+
     def _forward_fused(self, x, input_scale, residual) -> torch.Tensor:
-        """One ghost_conv call; the DFC gate's low-resolution path runs on the (scaled) input."""
-        gate = None
-        if self.dfc:
-            gate_input = x if input_scale is None else x * input_scale[:, :, None, None]
-            gate = _dfc_gate_low_res(self.short_conv, gate_input, fused=True)
+        """One ghost_conv call (after the DFC gate's)."""
         act = "relu" if self.relu else "none"
         return _fused_op("ghost_conv")(
             x, self.primary_conv.weight, self.primary_conv.bias, self.cheap_operation.weight,
             self.cheap_operation.bias, act_primary=act, act_cheap=act, out_channels=self.out_ch,
-            input_scale=input_scale, gate=gate, residual=residual)
+            input_scale=input_scale, gate=self._gate_fused(x, input_scale), residual=residual)
+
+    def forward_then_depthwise(self, x: torch.Tensor, conv_dw: nn.Conv2d) -> torch.Tensor:
+        """``conv_dw(self(x))`` for a folded module on the fused ops, as one
+        ``ghostkernels.ghost_conv_depthwise`` call (after the DFC gate's): this module's output
+        goes straight into the folded depthwise conv (square kernel, padding k//2, with bias)
+        without being written."""
+        act = "relu" if self.relu else "none"
+        return _fused_op("ghost_conv_depthwise")(
+            x, self.primary_conv.weight, self.primary_conv.bias, self.cheap_operation.weight,
+            self.cheap_operation.bias, conv_dw.weight, conv_dw.bias, act_primary=act,
+            act_cheap=act, out_channels=self.out_ch, stride=conv_dw.stride[0],
+            gate=self._gate_fused(x, None))
 
     @torch.no_grad()
     def reparameterize(self, fold_all_bn: bool = True) -> None:
@@ -301,7 +318,12 @@ class GhostBottleneckV3(nn.Module):
         return F.conv2d(x, pw.weight, pw.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._depthwise(self.ghost1(x))
+        if (self.stride > 1 and runs_fused(self.deployed, self.use_fused_ops, x)
+                and _op_runs("ghost_conv_depthwise", x)):
+            # ghost1's output goes straight into the stride-2 depthwise conv, never written
+            y = self.ghost1.forward_then_depthwise(x, self.conv_dw)
+        else:
+            y = self._depthwise(self.ghost1(x))
         if runs_fused(self.deployed, self.use_fused_ops, x):
             # SE multiply -> ghost2 scales its input as it reads it; shortcut add -> its epilogue
             scale = (self.se.excitation(y, fused=True) if isinstance(self.se, SqueezeExcite)
