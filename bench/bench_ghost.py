@@ -49,15 +49,22 @@ def row_kernel(x, w1, b1, w2, b2, cout):
                                 cout, config=config)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def conv_case_parser(description: str, shapes) -> argparse.ArgumentParser:
+    """The options of the conv benchmarks: device, shapes (a subset of ``shapes``), batches,
+    dtype, memory formats and the output folder."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES)}")
+    parser.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(shapes)}")
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 32])
     parser.add_argument("--dtype", default="fp16", choices=list(DTYPES))
     parser.add_argument("--formats", nargs="*", default=["nchw", "nhwc"], choices=["nchw", "nhwc"])
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--out", default=None)
+    return parser
+
+
+def main(argv=None):
+    parser = conv_case_parser(__doc__.splitlines()[0], SHAPES)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     args = parser.parse_args(argv)
     device, dtype = args.device, DTYPES[args.dtype]
     shapes = args.shapes or (list(SHAPES) if device == "cuda" else ["40->120 @80"])

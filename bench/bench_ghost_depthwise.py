@@ -10,12 +10,10 @@ one).
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from bench.bench_ghost import DTYPES, eager_ghost, ghost_weights
+from bench.bench_ghost import DTYPES, conv_case_parser, eager_ghost, ghost_weights
 from ghostkernels import backends, depthwise_conv, ghost_conv, ghost_conv_depthwise, use_backend
 from ghostkernels.benchmark import Row, copy_bandwidth_gbs, machine_description, time_ms
 from ghostkernels.benchmark import write_outputs
@@ -35,14 +33,7 @@ def eager_ghost_depthwise(x, w1, b1, w2, b2, wd, bd, gate):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES)}")
-    parser.add_argument("--batches", nargs="*", type=int, default=[1, 32])
-    parser.add_argument("--dtype", default="fp16", choices=list(DTYPES))
-    parser.add_argument("--formats", nargs="*", default=["nchw", "nhwc"], choices=["nchw", "nhwc"])
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    args = conv_case_parser(__doc__.splitlines()[0], SHAPES).parse_args(argv)
     device, dtype = args.device, DTYPES[args.dtype]
     shapes = args.shapes or (list(SHAPES) if device == "cuda" else ["40->240 @80 k3"])
     bandwidth = copy_bandwidth_gbs(device)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ghostkernels.triton.alignment import aligned, common_alignment, pixel_alignment
 from ghostkernels.triton.device import num_sms
-from ghostkernels.triton.ghost_conv_halo import _apply_epilogue, _x1_tile
+from ghostkernels.triton.ghost_conv_halo import _apply_epilogue, _cheap_taps, _x1_zero_padded
 
 
 @triton.jit
@@ -90,28 +90,17 @@ def _ghost_depthwise_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_
         cheap_ok = chan_ok & (C1 + chans < OUT_C)  # cheap channels that survive the slice
 
         # 1. x1 (zero outside the image: the cheap 3x3 zero-pads x1)
-        b_p = tl.load(b_primary_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
-        x_pix = x_ptr + b64 * sxb + rows * sxh + cols * sxw
-        x1 = _x1_tile(x_pix, w_primary_ptr, scale_ptr + b64 * Cin, b_p, in_img, chans, chan_ok,
-                      Cin, sxc, RELU_P, HAS_SCALE, SPLIT_SCALED_W, PIXELS, BLOCK_C, BLOCK_K,
-                      PRECISION, UPCAST_DOT)
-        x1 = tl.where(in_img[:, None], x1, 0.0)
+        x1 = _x1_zero_padded(x_ptr, w_primary_ptr, b_primary_ptr, scale_ptr, b64, rows, cols,
+                             in_img, chans, chan_ok, Cin, sxb, sxc, sxh, sxw, RELU_P, HAS_SCALE,
+                             SPLIT_SCALED_W, PIXELS, BLOCK_C, BLOCK_K, PRECISION, UPCAST_DOT)
         tl.debug_barrier()  # the previous item's reads of the planes are done
         tl.store(plane0 + at_p, x1)
         tl.debug_barrier()
 
         # 2. x2 on the inner pixels, then g = (x1, x2) * gate, zero outside the image; x1 is
         # read back from plane 0 (each thread its own elements) instead of kept in registers
-        x2 = tl.zeros([PIXELS, BLOCK_C], dtype=tl.float32)
-        x2 += tl.load(b_cheap_ptr + chans, mask=cheap_ok, other=0.0).to(tl.float32)[None, :]
-        for dy in tl.static_range(3):
-            for dx in tl.static_range(3):
-                v = tl.load(plane0 + at_p + ((dy - 1) * REGION_W + (dx - 1)) * BLOCK_C,
-                            mask=ring_inside[:, None], other=0.0)
-                tap = tl.load(w_cheap_ptr + chans * 9 + (dy * 3 + dx), mask=cheap_ok, other=0.0)
-                x2 += v * tap.to(tl.float32)[None, :]
-        if RELU_C:
-            x2 = tl.maximum(x2, 0.0)
+        x2 = _cheap_taps(plane0 + at_p, w_cheap_ptr, b_cheap_ptr, chans, cheap_ok, ring_inside,
+                         REGION_W, RELU_C, PIXELS, BLOCK_C)
         g_ok = in_img & ring_inside
         gate_img = gate_ptr + b64 * sgb
         g2 = _apply_epilogue(x2, rows, cols, C1 + chans, g_ok[:, None] & cheap_ok[None, :],

@@ -83,6 +83,43 @@ def _x1_tile(x_pix, w_ptr, scale_ptr, b_p, in_img, chans, chan_ok, Cin, sxc,
 
 
 @triton.jit
+def _x1_zero_padded(x_ptr, w_primary_ptr, b_primary_ptr, scale_ptr, b64, rows, cols, in_img,
+                    chans, chan_ok, Cin, sxb, sxc, sxh, sxw, RELU: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, SPLIT_SCALED_W: tl.constexpr,
+                    PIXELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """:func:`_x1_tile` of image ``b64``'s pixels at rows/cols with its bias, zero at pixels
+    outside the image (the cheap depthwise conv zero-pads x1)."""
+    b_p = tl.load(b_primary_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+    x_pix = x_ptr + b64 * sxb + rows * sxh + cols * sxw
+    x1 = _x1_tile(x_pix, w_primary_ptr, scale_ptr + b64 * Cin, b_p, in_img, chans, chan_ok, Cin,
+                  sxc, RELU, HAS_SCALE, SPLIT_SCALED_W, PIXELS, BLOCK_C, BLOCK_K, PRECISION,
+                  UPCAST_DOT)
+    return tl.where(in_img[:, None], x1, 0.0)
+
+
+@triton.jit
+def _cheap_taps(tile_x1, w_cheap_ptr, b_cheap_ptr, chans, cheap_ok, ring_inside,
+                ROW: tl.constexpr, RELU: tl.constexpr, PIXELS: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """x2 = act(dw3x3(x1) + b2) of the pixels at ``ring_inside`` of a [PIXELS, BLOCK_C] fp32 x1
+    tile stored channel-fastest at ``tile_x1`` (pointers of every element; ROW pixels per tile
+    row). Inner pixels only: their neighbours are in the tile (out-of-image ones hold zeros), so
+    no image-bounds masks."""
+    x2 = tl.zeros([PIXELS, BLOCK_C], dtype=tl.float32)
+    x2 += tl.load(b_cheap_ptr + chans, mask=cheap_ok, other=0.0).to(tl.float32)[None, :]
+    for dy in tl.static_range(3):
+        for dx in tl.static_range(3):
+            v = tl.load(tile_x1 + ((dy - 1) * ROW + (dx - 1)) * BLOCK_C,
+                        mask=ring_inside[:, None], other=0.0)
+            tap = tl.load(w_cheap_ptr + chans * 9 + (dy * 3 + dx), mask=cheap_ok, other=0.0)
+            x2 += v * tap.to(tl.float32)[None, :]
+    if RELU:
+        x2 = tl.maximum(x2, 0.0)
+    return x2
+
+
+@triton.jit
 def _apply_epilogue(v, rows, cols, out_chans, mask, gate_img, sgc, sgh, sgw, Hg, Wg, res_img,
                     src, srh, srw, H, W, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     """v [PIXELS, BLOCK_C] (pixels at rows/cols, channels out_chans) times the nearest gate values,
@@ -146,12 +183,9 @@ def _ghost_halo_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap
         chan_ok = chans < C1
         cheap_ok = chan_ok & (C1 + chans < OUT_C)  # cheap channels that survive the slice
 
-        b_p = tl.load(b_primary_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
-        x_pix = x_ptr + b64 * sxb + rows * sxh + cols * sxw
-        x1 = _x1_tile(x_pix, w_primary_ptr, scale_ptr + b64 * Cin, b_p, in_img, chans, chan_ok,
-                      Cin, sxc, RELU_P, HAS_SCALE, SPLIT_SCALED_W, PIXELS, BLOCK_C, BLOCK_K,
-                      PRECISION, UPCAST_DOT)
-        x1 = tl.where(in_img[:, None], x1, 0.0)  # the depthwise conv zero-pads x1
+        x1 = _x1_zero_padded(x_ptr, w_primary_ptr, b_primary_ptr, scale_ptr, b64, rows, cols,
+                             in_img, chans, chan_ok, Cin, sxb, sxc, sxh, sxw, RELU_P, HAS_SCALE,
+                             SPLIT_SCALED_W, PIXELS, BLOCK_C, BLOCK_K, PRECISION, UPCAST_DOT)
         tl.debug_barrier()  # the previous item's tap reads of the tile are done
         tl.store(tile_x1, x1)
         gate_img = gate_ptr + b64 * sgb
@@ -164,18 +198,8 @@ def _ghost_halo_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap
                  mask=primary_mask)
         tl.debug_barrier()  # the tile is written, by every thread of the program
 
-        x2 = tl.zeros([PIXELS, BLOCK_C], dtype=tl.float32)
-        x2 += tl.load(b_cheap_ptr + chans, mask=cheap_ok, other=0.0).to(tl.float32)[None, :]
-        for dy in tl.static_range(3):
-            for dx in tl.static_range(3):
-                # interior pixels only: their neighbours are in the tile (out-of-image ones
-                # hold zeros), so no image-bounds masks
-                v = tl.load(tile_x1 + ((dy - 1) * HALO_W + (dx - 1)) * BLOCK_C,
-                            mask=ring_inside[:, None], other=0.0)
-                tap = tl.load(w_cheap_ptr + chans * 9 + (dy * 3 + dx), mask=cheap_ok, other=0.0)
-                x2 += v * tap.to(tl.float32)[None, :]
-        if RELU_C:
-            x2 = tl.maximum(x2, 0.0)
+        x2 = _cheap_taps(tile_x1, w_cheap_ptr, b_cheap_ptr, chans, cheap_ok, ring_inside, HALO_W,
+                         RELU_C, PIXELS, BLOCK_C)
         cheap_mask = inner[:, None] & cheap_ok[None, :]
         x2 = _apply_epilogue(x2, rows, cols, C1 + chans, cheap_mask, gate_img, sgc, sgh, sgw, Hg,
                              Wg, res_img, src, srh, srw, H, W, HAS_GATE, HAS_RESIDUAL)
