@@ -1,11 +1,13 @@
 """Reference folded depthwise convolution: ``y = act(dwconv_khxkw(x, stride, padding (kh//2, kw//2))
 + bias)``, one filter per channel (kernel contract in ``ghostkernels.ops.depthwise_conv``).
 
-Half-precision inputs are computed in float32 and rounded once at the end.
+Half-precision inputs are computed in float32 and rounded once at the end (on CUDA tensors: in their
+own dtype, ``reference.ghost_conv.forward_dtype``).
 """
 import torch
 import torch.nn.functional as F
 
+from ghostkernels.reference import ghost_conv as ghost
 from ghostkernels.reference.ghost_conv import compute_dtype, output_memory_format
 
 
@@ -16,7 +18,7 @@ def output_size(size: int, k: int, stride: int) -> int:
 def forward(x, weight, bias, kh: int, kw: int, stride: int, relu: bool):
     """x [B,C,H,W]; weight [C, kh*kw] (row-major taps); bias [C]."""
     C = x.shape[1]
-    acc = compute_dtype(x.dtype)
+    acc = ghost.forward_dtype(x)
     y = F.conv2d(x.to(acc), weight.to(acc).view(C, 1, kh, kw), bias.to(acc), stride=stride,
                  padding=(kh // 2, kw // 2), groups=C)
     if relu:

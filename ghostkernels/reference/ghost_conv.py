@@ -4,7 +4,8 @@ optional epilogues ``y = y * nearest_upsample(gate) + residual``.
 
 This *defines* the op (kernel contract in ``ghostkernels.ops.ghost_conv``). Half-precision inputs
 are computed in float32 and rounded once at the end, as the fused kernels do (x2 is computed from
-the unrounded x1). ``s`` is the optional per-(image, channel) ``input_scale``; the gate is indexed
+the unrounded x1); on CUDA tensors they are computed in their own dtype (``forward_dtype``).
+``s`` is the optional per-(image, channel) ``input_scale``; the gate is indexed
 ``gate[..., (h * Hg) // H, (w * Wg) // W]`` (:func:`upsample_nearest`).
 
 ``backward`` gives the core gradients from the core output ``y0 = cat(x1, x2)[:, :out_channels]``
@@ -17,6 +18,20 @@ import torch.nn.functional as F
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float64, torch.float32) else torch.float32
+
+
+def forward_dtype(x) -> torch.dtype:
+    """The dtype the reference forwards of the conv ops (ghost_conv, depthwise_conv,
+    ghost_conv_depthwise) compute in: ``compute_dtype``, except for float16/bfloat16 CUDA
+    tensors, which stay in their dtype. There the reference backend is the automatic choice
+    because cuDNN's half-precision convolutions (fp32 accumulation inside each conv) were measured
+    fastest (BENCHMARKS.md); computing in float32 instead would add a cast pass per tensor and
+    double the bytes of every conv. The price: the Ghost output is rounded twice (x1 before the
+    depthwise conv, then x2), within the dtype tolerances the kernels are held to. Gradients are
+    computed in ``compute_dtype`` everywhere."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        return x.dtype
+    return compute_dtype(x.dtype)
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -68,7 +83,7 @@ def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_
     [B,out_channels,H,W] or None."""
     C1, Cin = w_primary.shape
     H, W = x.shape[-2:]
-    acc = compute_dtype(x.dtype)
+    acc = forward_dtype(x)
     xc = scale_input(x.to(acc), input_scale)
     x1 = F.conv2d(xc, w_primary.to(acc).view(C1, Cin, 1, 1), b_primary.to(acc))
     if relu_primary:

@@ -5,14 +5,15 @@
 Ghost module with its DFC gate), then ``y = act_dw(dwconv_kxk(g, stride, padding k//2) + b_dw)``.
 
 This *defines* the op. Half-precision inputs are computed in float32 throughout and rounded once
-at the end, as the fused kernel does (g is never rounded to the input type). ``backward``
+at the end, as the fused kernel does (g is never rounded to the input type); on CUDA tensors they
+are computed in their own dtype (``reference.ghost_conv.forward_dtype``). ``backward``
 recomputes the forward with PyTorch autograd: it is the only formula the op needs.
 """
 import torch
 
 from ghostkernels.reference import depthwise_conv as depthwise
 from ghostkernels.reference import ghost_conv as ghost
-from ghostkernels.reference.ghost_conv import compute_dtype, output_memory_format
+from ghostkernels.reference.ghost_conv import output_memory_format
 
 
 def forward(x, w_primary, b_primary, w_cheap, b_cheap, w_dw, b_dw, kernel_size: int,
@@ -21,7 +22,7 @@ def forward(x, w_primary, b_primary, w_cheap, b_cheap, w_dw, b_dw, kernel_size: 
     """x [B,Cin,H,W]; w_primary [C1,Cin]; b_primary [C1]; w_cheap [C1,9]; b_cheap [C1];
     w_dw [out_channels, k*k]; b_dw [out_channels]; input_scale [B,Cin] or None; gate
     [B,out_channels,Hg,Wg] or None. Returns [B, out_channels, Ho, Wo] of x's dtype."""
-    acc = compute_dtype(x.dtype)
+    acc = ghost.forward_dtype(x)
     g = ghost.forward(x.to(acc), w_primary, b_primary, w_cheap, b_cheap, relu_primary,
                       relu_cheap, out_channels, input_scale, gate)
     y = depthwise.forward(g, w_dw.to(acc), b_dw.to(acc), kernel_size, kernel_size, stride,
