@@ -1,6 +1,7 @@
-"""The reference backend of the conv ops computes half-precision CUDA tensors in their own dtype
-(cuDNN's fp16/bf16 convolutions, the composition measured as the automatic choice on CUDA) and
-everything else in ``compute_dtype`` (``reference.ghost_conv.forward_dtype``)."""
+"""How the reference backend of the conv ops runs as the automatic choice on CUDA: half-precision
+CUDA tensors are computed in their own dtype (cuDNN's fp16/bf16 convolutions, the composition
+measured fastest), everything else in ``compute_dtype`` (``reference.ghost_conv.forward_dtype``);
+the gate is upsampled by one ``F.interpolate`` wherever that equals the op's exact index rule."""
 from types import SimpleNamespace
 
 import pytest
@@ -49,3 +50,27 @@ def test_native_half_precision_is_the_eager_composition(monkeypatch):
     with use_backend("reference"):
         exact = ghostkernels.ghost_conv_depthwise(x64, w1, b1, wc, bc, wd, bd)
     assert rel_err(fused, exact) < TOLERANCE[torch.float16][0]
+
+
+def test_interpolate_equals_the_exact_nearest_rule_where_used():
+    """Every (n_out, n_in) for which upsample_nearest takes F.interpolate: the half size up to
+    1024 here (4096 checked once), the same size, and all sizes up to 21."""
+    pairs = [(n, n // 2) for n in range(2, 1025)] + [(n, n) for n in (1, 7, 640)]
+    pairs += [(n_out, n_in) for n_out in range(1, 22) for n_in in range(1, 24)]
+    for n_out, n_in in pairs:
+        assert reference.interpolate_agrees(n_out, n_in)
+        source = torch.arange(n_in, dtype=torch.float64).view(1, 1, 1, n_in)
+        picked = F.interpolate(source, size=(1, n_out), mode="nearest").view(-1).long()
+        assert torch.equal(picked, reference.nearest_indices(n_out, n_in, "cpu")), (n_out, n_in)
+    assert not reference.interpolate_agrees(46, 14)  # F.interpolate differs there (float32)
+
+
+@pytest.mark.parametrize("size, gate_size", [((80, 80), (40, 40)), ((9, 31), (4, 15)),
+                                             ((46, 5), (14, 5))])
+def test_upsample_nearest_follows_the_exact_rule(size, gate_size):
+    gate = torch.rand(2, 3, *gate_size, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    up = reference.upsample_nearest(gate, *size)
+    rows = reference.nearest_indices(size[0], gate_size[0], "cpu")
+    cols = reference.nearest_indices(size[1], gate_size[1], "cpu")
+    assert torch.equal(up, gate[:, :, rows][:, :, :, cols])

@@ -52,9 +52,27 @@ def nearest_indices(n_out: int, n_in: int, device) -> torch.Tensor:
     return torch.arange(n_out, device=device) * n_in // n_out
 
 
+# Largest size for which F.interpolate's float32 index rule was checked to equal
+# ``nearest_indices`` for the gate's half-size source (tests/test_reference_precision.py checks it)
+INTERPOLATE_HALF_SIZE_CHECKED = 4096
+
+
+def interpolate_agrees(n_out: int, n_in: int) -> bool:
+    """Whether ``F.interpolate(mode="nearest")`` picks ``nearest_indices(n_out, n_in)`` (see
+    there): the same size, the DFC gate's half size up to INTERPOLATE_HALF_SIZE_CHECKED, or any
+    size up to 21."""
+    return (n_in == n_out or n_out <= 21
+            or (n_in == n_out // 2 and n_out <= INTERPOLATE_HALF_SIZE_CHECKED))
+
+
 def upsample_nearest(gate: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """gate [B, C, Hg, Wg] -> [B, C, H, W] by nearest neighbour (``nearest_indices``)."""
+    """gate [B, C, Hg, Wg] -> [B, C, H, W] by nearest neighbour (``nearest_indices``): one
+    ``F.interpolate`` where it agrees with the rule (every GhostNetV3 gate; one kernel instead of
+    the index arithmetic and two gathers, which at batch 1 cost more launches than bytes), else
+    the exact gathers."""
     Hg, Wg = gate.shape[-2:]
+    if interpolate_agrees(H, Hg) and interpolate_agrees(W, Wg):
+        return F.interpolate(gate, size=(H, W), mode="nearest")
     rows = nearest_indices(H, Hg, gate.device)
     cols = nearest_indices(W, Wg, gate.device)
     return gate.index_select(2, rows).index_select(3, cols)
