@@ -74,3 +74,28 @@ def test_upsample_nearest_follows_the_exact_rule(size, gate_size):
     rows = reference.nearest_indices(size[0], gate_size[0], "cpu")
     cols = reference.nearest_indices(size[1], gate_size[1], "cpu")
     assert torch.equal(up, gate[:, :, rows][:, :, :, cols])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_reference_ghost_conv_puts_the_primary_relu_in_the_cudnn_call_on_gpu(dtype):
+    """On CUDA without autograd the reference's 1x1 conv + ReLU is one cuDNN call (float16 and
+    float32; bfloat16 keeps the pair): the ReLU costs no operator, and the values are the plain
+    composition's."""
+    from ghostkernels.benchmark import count_ops
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 20, 24, generator=g).to("cuda", dtype).contiguous(
+        memory_format=torch.channels_last)
+    w1, b1 = (0.25 * torch.randn(12, 16, generator=g)).to("cuda", dtype), torch.zeros(
+        12, device="cuda", dtype=dtype)
+    wc, bc = (0.3 * torch.randn(12, 9, generator=g)).to("cuda", dtype), torch.zeros(
+        12, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        def run(relu):
+            return reference.forward(x, w1, b1, wc, bc, relu, False, 24)
+        fused_ops, plain_ops = count_ops(lambda: run(True)), count_ops(lambda: run(False))
+        assert fused_ops == plain_ops + (1 if dtype == torch.bfloat16 else 0)
+        x1 = F.relu(F.conv2d(x, w1.view(12, 16, 1, 1), b1))
+        expected = torch.cat([x1, F.conv2d(x1, wc.view(12, 1, 3, 3), bc, padding=1, groups=12)],
+                             1)
+        assert rel_err(run(True), expected) < 2e-3

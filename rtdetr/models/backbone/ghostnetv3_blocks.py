@@ -31,6 +31,7 @@ from torch import nn
 
 import ghostkernels
 from ghostkernels import fold
+from ghostkernels.reference.conv import conv2d_relu
 
 NUM_CONV_BRANCHES = 3
 
@@ -58,15 +59,13 @@ def runs_fused(deployed: bool, mode, x: torch.Tensor) -> bool:
 def conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``relu(conv(x))`` for a folded conv (with bias) of a model running its fused path: on
     CUDA float16/float32 inputs, without autograd or a compiler tracing, one cuDNN call with the
-    ReLU in the convolution's epilogue (``torch.cudnn_convolution_relu``), so the output is
-    written once instead of written, read and written again; elsewhere the two plain ops."""
-    if (x.is_cuda and x.dtype in (torch.float16, torch.float32) and conv.bias is not None
-            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and torch.backends.cudnn.enabled and torch.backends.cudnn.is_available()):
-        return torch.cudnn_convolution_relu(x, conv.weight, conv.bias, conv.stride, conv.padding,
-                                            conv.dilation, conv.groups)
-    return F.relu(conv(x))
+    ReLU in the convolution's epilogue (``ghostkernels.reference.conv.conv2d_relu``), so the
+    output is written once instead of written, read and written again; elsewhere the two plain
+    ops."""
+    if conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple):
+        return F.relu(conv(x))
+    return conv2d_relu(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                       conv.groups)
 
 
 def _fused_op(name: str):
