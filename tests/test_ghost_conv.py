@@ -151,8 +151,12 @@ def test_forward_across_tile_boundaries(backend, name, poisoned_empty):
 
 
 def test_sliced_cheap_channels_get_zero_gradients():
-    args = [t.requires_grad_() for t in make_inputs(*CASES["cl-relu-none-odd-split"])]
-    run("reference", *args, "relu", "relu", 9).sum().backward()  # C1 = 7: cheap 0, 1 kept
+    args = make_inputs(*CASES["cl-relu-none-odd-split"])
+    # positive primary biases: x1 alive (a seed once made both kept cheap channels' ReLUs dead
+    # on all 30 pixels, which zeroes their gradients too); no ReLU on the cheap half
+    args[2].abs_().add_(0.5)
+    args = [t.requires_grad_() for t in args]
+    run("reference", *args, "relu", "none", 9).sum().backward()  # C1 = 7: cheap 0, 1 kept
     w_cheap, b_cheap = args[3], args[4]
     assert (w_cheap.grad[2:] == 0).all() and (b_cheap.grad[2:] == 0).all()
     assert (w_cheap.grad[:2] != 0).any()
