@@ -69,9 +69,7 @@ def main(argv=None):
     device, dtype = args.device, DTYPES[args.dtype]
     shapes = args.shapes or (list(SHAPES) if device == "cuda" else ["40->120 @80"])
     bandwidth = copy_bandwidth_gbs(device)
-    names = [b for b in ("reference", "cpu", "triton", "cuda")
-             if backends.availability(b, device).available
-             and dtype in backends.implementations("ghost_conv")[b].dtypes]
+    names = backends.runnable_backends("ghost_conv", device, dtype)
     compiled = None if args.no_compile else torch.compile(eager_ghost)
     eager = "cuDNN eager" if device == "cuda" else "PyTorch eager"
     header = (f"### ghost_conv / depthwise_conv ({machine_description(device)}; copy bandwidth "

@@ -37,12 +37,10 @@ def main(argv=None):
     device, dtype = args.device, DTYPES[args.dtype]
     shapes = args.shapes or (list(SHAPES) if device == "cuda" else ["40->240 @80 k3"])
     bandwidth = copy_bandwidth_gbs(device)
-    names = [b for b in backends.BACKENDS if b != "reference" and b in backends.implementations(OP)
-             and backends.availability(b, device).available
-             and dtype in backends.implementations(OP)[b].dtypes]
-    apart = [b for b in backends.BACKENDS if b != "reference"
-             and backends.availability(b, device).available
-             and dtype in backends.implementations("ghost_conv")[b].dtypes]
+    # the reference is the eager composition: timed once, as the baseline
+    names = [b for b in backends.runnable_backends(OP, device, dtype) if b != "reference"]
+    apart = [b for b in backends.runnable_backends("ghost_conv", device, dtype)
+             if b != "reference"]
     eager = "cuDNN eager" if device == "cuda" else "PyTorch eager"
     header = (f"### ghost_conv_depthwise ({machine_description(device)}; copy bandwidth "
               f"{bandwidth:.0f} GB/s read+write; floor: x read once, y written once)")

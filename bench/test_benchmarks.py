@@ -50,14 +50,8 @@ GHOST_DEPTHWISE_SHAPES = GHOST_DEPTHWISE_ALL_SHAPES if GPU else {
 
 
 def _backends(op: str, dtype: torch.dtype) -> list[str]:
-    names = []
-    for name, impl in backends.implementations(op).items():
-        if dtype not in impl.dtypes or not backends.availability(name, DEVICE).available:
-            continue
-        if name == "triton" and not GPU:
-            continue
-        names.append(name)
-    return names
+    # no Triton on the CPU: its interpreter is a test tool, not a backend to time
+    return [b for b in backends.runnable_backends(op, DEVICE, dtype) if GPU or b != "triton"]
 
 
 def _dtype_id(dtype: torch.dtype) -> str:

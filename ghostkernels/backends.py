@@ -261,6 +261,12 @@ def _supports(op: str, backend: str, device_type: str, dtype: torch.dtype) -> st
     return ""
 
 
+def runnable_backends(op: str, device_type: str, dtype: torch.dtype) -> list[str]:
+    """The backends (in ``BACKENDS`` order) that can run ``op`` on ``device_type`` tensors of
+    ``dtype`` here: implemented, available, and implemented for that dtype."""
+    return [b for b in BACKENDS if not _supports(op, b, device_type, dtype)]
+
+
 def call_key(args, kwargs=None) -> tuple:
     """What a tuned choice is keyed on: the shape and layout of each tensor argument and the value
     of every other one (bools, ints, None)."""

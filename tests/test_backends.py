@@ -134,3 +134,14 @@ def test_the_backward_runs_on_the_forward_threads_forced_backend(monkeypatch):
         y = ghostkernels.ghost_conv(x, w1, None, wc, None, residual=residual)
     _backward_on_another_thread(y, [x])  # recomputes the core output (residual epilogue)
     assert calls == ["forward", "forward"]
+
+
+def test_runnable_backends_lists_exactly_the_backends_that_can_run_an_op():
+    from ghostkernels.backends import _supports, runnable_backends
+    for op in ("ghost_conv", "ghost_conv_depthwise", "dfc_gate"):
+        for dtype in (torch.float64, torch.float32):
+            names = runnable_backends(op, "cpu", dtype)
+            assert names == [b for b in backends.BACKENDS if _supports(op, b, "cpu", dtype) == ""]
+            assert "reference" in names and "cuda" not in names
+    # float64: no Triton kernel (interpreter or not), no C++ kernel of this op
+    assert runnable_backends("ghost_conv_depthwise", "cpu", torch.float64) == ["reference"]

@@ -33,7 +33,8 @@ import triton.language as tl
 
 from ghostkernels.triton.alignment import aligned, common_alignment, pixel_alignment
 from ghostkernels.triton.device import num_sms
-from ghostkernels.triton.ghost_conv_halo import _apply_epilogue, _cheap_taps, _x1_zero_padded
+from ghostkernels.triton.ghost_conv_halo import (_apply_epilogue, _channel_block, _cheap_taps,
+                                                 _work_item, _x1_zero_padded)
 
 
 @triton.jit
@@ -74,20 +75,14 @@ def _ghost_depthwise_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_
     at_p = p[:, None] * BLOCK_C + c_local[None, :]
 
     for item in range(pid, work_items, tl.num_programs(0)):
-        cb = item % chan_blocks
-        tile = item // chan_blocks
-        tw = tile % tiles_w
-        th = (tile // tiles_w) % tiles_h
-        b64 = (tile // (tiles_w * tiles_h)).to(tl.int64)
+        cb, tw, th, b64 = _work_item(item, chan_blocks, tiles_w, tiles_h)
         # region pixel (ry, rx) is image pixel (row0 + ry, col0 + rx); g's region starts at row0+1
         row0 = th * TILE_H * STRIDE - K // 2 - 1
         col0 = tw * TILE_W * STRIDE - K // 2 - 1
         rows = row0 + ry
         cols = col0 + rx
         in_img = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
-        chans = cb * BLOCK_C + c_local
-        chan_ok = chans < C1
-        cheap_ok = chan_ok & (C1 + chans < OUT_C)  # cheap channels that survive the slice
+        chans, chan_ok, cheap_ok = _channel_block(cb, c_local, C1, OUT_C, BLOCK_C)
 
         # 1. x1 (zero outside the image: the cheap 3x3 zero-pads x1)
         x1 = _x1_zero_padded(x_ptr, w_primary_ptr, b_primary_ptr, scale_ptr, b64, rows, cols,

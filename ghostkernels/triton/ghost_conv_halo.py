@@ -83,6 +83,24 @@ def _x1_tile(x_pix, w_ptr, scale_ptr, b_p, in_img, chans, chan_ok, Cin, sxc,
 
 
 @triton.jit
+def _work_item(item, chan_blocks, tiles_w, tiles_h):
+    """(channel block, tile column, tile row, image as int64) of a persistent loop's work item;
+    channel block fastest, so programs running together read the same x tile (L2 reuse)."""
+    tile = item // chan_blocks
+    return (item % chan_blocks, tile % tiles_w, (tile // tiles_w) % tiles_h,
+            (tile // (tiles_w * tiles_h)).to(tl.int64))
+
+
+@triton.jit
+def _channel_block(cb, c_local, C1, OUT_C, BLOCK_C: tl.constexpr):
+    """(primary channels of block ``cb``, which of them exist, which of their cheap channels
+    survive the ``out_channels`` slice)."""
+    chans = cb * BLOCK_C + c_local
+    chan_ok = chans < C1
+    return chans, chan_ok, chan_ok & (C1 + chans < OUT_C)
+
+
+@triton.jit
 def _x1_zero_padded(x_ptr, w_primary_ptr, b_primary_ptr, scale_ptr, b64, rows, cols, in_img,
                     chans, chan_ok, Cin, sxb, sxc, sxh, sxw, RELU: tl.constexpr,
                     HAS_SCALE: tl.constexpr, SPLIT_SCALED_W: tl.constexpr,
@@ -167,21 +185,14 @@ def _ghost_halo_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap
     mine = scratch_ptr + pid.to(tl.int64) * (PIXELS * BLOCK_C)
     tile_x1 = mine + p[:, None] * BLOCK_C + c_local[None, :]
 
-    # Persistent loop over (image, tile, channel block); channel block fastest, so programs
-    # running together read the same x tile (L2 reuse).
+    # Persistent loop over (image, tile, channel block)
     for item in range(pid, work_items, tl.num_programs(0)):
-        cb = item % chan_blocks
-        tile = item // chan_blocks
-        tw = tile % tiles_w
-        th = (tile // tiles_w) % tiles_h
-        b64 = (tile // (tiles_w * tiles_h)).to(tl.int64)
+        cb, tw, th, b64 = _work_item(item, chan_blocks, tiles_w, tiles_h)
         rows = th * (HALO_H - 2) - 1 + hy
         cols = tw * (HALO_W - 2) - 1 + hx
         in_img = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
         inner = in_img & ring_inside
-        chans = cb * BLOCK_C + c_local
-        chan_ok = chans < C1
-        cheap_ok = chan_ok & (C1 + chans < OUT_C)  # cheap channels that survive the slice
+        chans, chan_ok, cheap_ok = _channel_block(cb, c_local, C1, OUT_C, BLOCK_C)
 
         x1 = _x1_zero_padded(x_ptr, w_primary_ptr, b_primary_ptr, scale_ptr, b64, rows, cols,
                              in_img, chans, chan_ok, Cin, sxb, sxc, sxh, sxw, RELU_P, HAS_SCALE,

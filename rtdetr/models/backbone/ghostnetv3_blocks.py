@@ -317,13 +317,13 @@ class GhostBottleneckV3(nn.Module):
         return F.conv2d(x, pw.weight, pw.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.stride > 1 and runs_fused(self.deployed, self.use_fused_ops, x)
-                and _op_runs("ghost_conv_depthwise", x)):
+        fused = runs_fused(self.deployed, self.use_fused_ops, x)
+        if fused and self.stride > 1 and _op_runs("ghost_conv_depthwise", x):
             # ghost1's output goes straight into the stride-2 depthwise conv, never written
             y = self.ghost1.forward_then_depthwise(x, self.conv_dw)
         else:
             y = self._depthwise(self.ghost1(x))
-        if runs_fused(self.deployed, self.use_fused_ops, x):
+        if fused:
             # SE multiply -> ghost2 scales its input as it reads it; shortcut add -> its epilogue
             scale = (self.se.excitation(y, fused=True) if isinstance(self.se, SqueezeExcite)
                      else None)
