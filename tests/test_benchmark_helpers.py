@@ -47,3 +47,24 @@ def test_backbone_floors_fused_moves_fewer_bytes_than_folded_eager():
     names = {name for name, _ in fused}
     assert {"ghostkernels::ghost_conv", "ghostkernels::dfc_gate"} <= names
     assert "cat" not in names and "upsample_nearest2d" not in names
+
+
+def test_backbone_floors_counts_the_automatic_gpu_path_without_a_gpu():
+    """The fused model on fake CUDA tensors: the ops whose automatic CUDA choice is the
+    reference (cuDNN) are counted as its PyTorch operators, the others (the DFC gate's own CUDA
+    kernel) stay one operator; that path moves more than the one-pass-per-op fused floor and
+    less than the folded eager model (no cat, no upsampled gates, no scaled inputs)."""
+    from bench.backbone_floors import backbones, gpu_auto_choice, model_traffic
+    assert gpu_auto_choice("ghost_conv", torch.float16) == "reference"
+    assert gpu_auto_choice("dfc_gate", torch.float16) == "cuda"
+    models = backbones(0.5)
+    args = (2, 128, torch.float16, True)
+    eager = model_traffic(models["ghostnetv3 folded eager"], *args)
+    fused = model_traffic(models["ghostnetv3 folded fused"], *args)
+    on_gpu = model_traffic(models["ghostnetv3 folded fused"], *args, on_gpu=True)
+    names = {name for name, _ in on_gpu}
+    assert "ghostkernels::dfc_gate" in names and "cudnn_convolution_relu" in names
+    assert not names & {"ghostkernels::ghost_conv", "ghostkernels::depthwise_conv",
+                        "ghostkernels::ghost_conv_depthwise", "cat", "upsample_nearest2d"}
+    moved = [sum(b for _, b in records) for records in (fused, on_gpu, eager)]
+    assert moved == sorted(moved) and moved[1] < 0.75 * moved[2], moved

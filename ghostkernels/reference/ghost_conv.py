@@ -15,7 +15,7 @@ alone: x1 is ``y0[:, :C1]`` (out_channels >= C1 always) and the ReLU masks are `
 import torch
 import torch.nn.functional as F
 
-from ghostkernels.reference.conv import conv2d_relu
+from ghostkernels.reference.conv import pointwise_conv
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,30 +96,95 @@ def scale_input(x: torch.Tensor, input_scale) -> torch.Tensor:
     return x * input_scale.to(x.dtype)[:, :, None, None]
 
 
+def multiply_by_upsampled(y: torch.Tensor, gate: torch.Tensor, out=None) -> torch.Tensor:
+    """``y * upsample_nearest(gate, H, W)`` (into ``out`` when given). Where H and W are whole
+    multiples of the gate's size (every GhostNetV3 gate), the gate is broadcast over each f x f
+    block of a 6-d view instead of upsampled: the same products, without writing and reading
+    back an upsampled gate as large as y."""
+    B, C, H, W = y.shape
+    Hg, Wg = gate.shape[-2:]
+    if H % Hg or W % Wg:
+        upsampled = upsample_nearest(gate, H, W)
+        return torch.mul(y, upsampled) if out is None else torch.mul(y, upsampled, out=out)
+    blocks = (B, C, Hg, H // Hg, Wg, W // Wg)  # nearest index of h: h // (H // Hg)
+    g = gate[:, :, :, None, :, None]
+    if out is None:
+        return (y.view(blocks) * g).reshape(B, C, H, W)
+    torch.mul(y.view(blocks), g, out=out.view(blocks))
+    return out
+
+
+def _write_epilogue(part: torch.Tensor, out: torch.Tensor, gate, residual) -> None:
+    """``out = part * upsample(gate) + residual`` (each optional) written into ``out``, a channel
+    slice of the output: the epilogue and the concatenation in one pass."""
+    if gate is not None:
+        multiply_by_upsampled(part, gate, out=out)
+        if residual is not None:
+            out.add_(residual)
+    elif residual is not None:
+        torch.add(part, residual, out=out)
+    else:
+        out.copy_(part)
+
+
+def _needs_plain_composition(*tensors) -> bool:
+    """Whether the forward must be the composition of out-of-place ops (cat, then the
+    epilogues): under autograd recording, and for compilers and tracers (torch.compile of the
+    decomposed op, the ONNX exporter), which handle neither ``out=`` writes into views nor
+    in-place ops as well as they fuse the plain ones."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_cheap: bool,
             out_channels: int, input_scale=None, gate=None, residual=None):
     """x [B,Cin,H,W]; w_primary [C1,Cin]; b_primary [C1]; w_cheap [C1,9]; b_cheap [C1];
     input_scale [B,Cin] or None; gate [B,out_channels,Hg,Wg] or None; residual
-    [B,out_channels,H,W] or None."""
+    [B,out_channels,H,W] or None.
+
+    Without autograd recording (the backend call of the op), each half's epilogue writes its
+    channels of the output directly (``_write_epilogue``): no ``cat`` pass, no upsampled gate,
+    and the input scale inside the 1x1 conv's weights (``conv.pointwise_conv``). With autograd
+    (``reference.ghost_conv_depthwise``'s backward differentiates this) or a compiler or tracer
+    (``_needs_plain_composition``), the same values from out-of-place ops: cat, then the
+    epilogues."""
     C1, Cin = w_primary.shape
-    H, W = x.shape[-2:]
+    B, _, H, W = x.shape
     acc = forward_dtype(x)
-    xc = scale_input(x.to(acc), input_scale)
-    w1, b1 = w_primary.to(acc).view(C1, Cin, 1, 1), b_primary.to(acc)
-    # the ReLU in cuDNN's epilogue where possible (conv.conv2d_relu): x1 written once
-    x1 = conv2d_relu(xc, w1, b1) if relu_primary else F.conv2d(xc, w1, b1)
+    x1 = pointwise_conv(x.to(acc), w_primary.to(acc), b_primary.to(acc), relu_primary,
+                        input_scale)
     C2 = out_channels - C1  # cheap channels that survive the slice
-    parts = [x1]
+    x2 = None
     if C2 > 0:
         x2 = F.conv2d(x1[:, :C2], w_cheap[:C2].to(acc).view(C2, 1, 3, 3), b_cheap[:C2].to(acc),
                       padding=1, groups=C2)
-        parts.append(torch.relu(x2) if relu_cheap else x2)
-    y = torch.cat(parts, dim=1)
-    if gate is not None:
-        y = y * upsample_nearest(gate.to(acc), H, W)
-    if residual is not None:
-        y = y + residual.to(acc)
-    return y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
+    gate, residual = (None if t is None else t.to(acc) for t in (gate, residual))
+    fmt = output_memory_format(x)
+    if _needs_plain_composition(x, w_primary, b_primary, w_cheap, b_cheap, input_scale, gate,
+                                residual):
+        if x2 is not None:
+            x2 = torch.relu(x2) if relu_cheap else x2
+        y = torch.cat([x1] if x2 is None else [x1, x2], dim=1)
+        if gate is not None:
+            y = multiply_by_upsampled(y, gate)
+        if residual is not None:
+            y = y + residual
+        return y.to(x.dtype).contiguous(memory_format=fmt)
+    y = torch.empty((B, out_channels, H, W), dtype=acc, device=x.device, memory_format=fmt)
+    for lo, part in ((0, x1), (C1, x2)):
+        if part is None:
+            continue
+        hi = lo + part.shape[1]
+        out = y[:, lo:hi]
+        if lo and relu_cheap and gate is None and residual is None:
+            torch.clamp_min(part, 0, out=out)  # the ReLU writes the output: one pass
+            continue
+        if lo and relu_cheap:
+            part = part.relu_()  # x2 is this function's own tensor
+        _write_epilogue(part, out, None if gate is None else gate[:, lo:hi],
+                        None if residual is None else residual[:, lo:hi])
+    return y.to(x.dtype)
 
 
 def _conv_backward(grad_out, inp, weight, padding, stride, groups, mask):
@@ -176,12 +241,11 @@ def epilogue_backward(grad_y, y0, gate, needs_gate: bool, needs_residual: bool):
     if gate is None:
         return grad_y, None, g_residual
     acc = compute_dtype(grad_y.dtype)
-    H, W = grad_y.shape[-2:]
     g = grad_y.to(acc)
     g_gate = None
     if needs_gate:
         g_gate = sum_to_gate(g * y0.to(acc), *gate.shape[-2:]).to(gate.dtype)
-    return g * upsample_nearest(gate.to(acc), H, W), g_gate, g_residual
+    return multiply_by_upsampled(g, gate.to(acc)), g_gate, g_residual
 
 
 def scale_backward(grad_scaled_x, x, input_scale, needs_x: bool, needs_scale: bool):
