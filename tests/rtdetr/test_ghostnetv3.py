@@ -12,7 +12,8 @@ from torch import nn
 import ghostkernels
 from ghostkernels import use_backend
 from rtdetr.models.backbone.ghostnetv3 import IMAGENET_MEAN, IMAGENET_STD, GhostNetV3
-from rtdetr.models.backbone.ghostnetv3_blocks import GhostBottleneckV3, SqueezeExcite, conv_relu
+from rtdetr.models.backbone.ghostnetv3_blocks import (ConvBn, GhostBottleneckV3, SqueezeExcite,
+                                                      conv_relu)
 from tests.rtdetr.detector_cases import randomize_bn
 from tests.backend_params import backend_params, rel_err, require
 
@@ -467,6 +468,30 @@ def test_loading_errors_list_the_keys():
 
 
 # --------------------------------------------------------------------- training and bad input
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_depthwise_1x1_branch_is_the_conv_it_replaces(stride, channels_last):
+    """The "scale" branches (1x1 depthwise conv + BN) multiply the strided input by the weight
+    instead of calling the conv: the same outputs and gradients as the conv in float64 (train
+    mode: batch statistics), odd sizes included."""
+    branch = ConvBn(6, 6, 1, stride=stride, groups=6).double().train()
+    assert isinstance(branch.conv, nn.Conv2d)  # counted as a conv (MACs, hooks), same state
+    nn.init.normal_(branch.conv.weight)
+    x = torch.randn(3, 6, 7, 9, dtype=torch.float64)
+    x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    grad_out = torch.randn(3, 6, (7 - 1) // stride + 1, (9 - 1) // stride + 1,
+                           dtype=torch.float64)
+    y = branch(x)
+    expected = branch.bn(torch.nn.functional.conv2d(x, branch.conv.weight, stride=stride,
+                                                    groups=6))
+    assert y.shape == expected.shape
+    assert torch.allclose(y, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(y, (x, branch.conv.weight), grad_out)
+    expected_grads = torch.autograd.grad(expected, (x, branch.conv.weight), grad_out)
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_training_forward_and_backward():

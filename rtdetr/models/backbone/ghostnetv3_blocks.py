@@ -77,6 +77,21 @@ def _fused_op(name: str):
     return op
 
 
+class ChannelScaleConv(nn.Conv2d):
+    """A 1x1 depthwise conv without padding (the "scale" branches): a per-channel scale of the
+    strided input, computed as one multiply (the same products). PyTorch runs such convs on CPUs
+    through a per-channel loop of tiny matrix products when it skips oneDNN (1x1, stride 1, one
+    thread, batch < 16: the demo's training), about a sixth of a training step there."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding != (0, 0) or self.dilation != (1, 1) or not (
+                self.groups == self.in_channels == self.out_channels):
+            return super().forward(x)
+        stride_h, stride_w = self.stride
+        y = x[:, :, ::stride_h, ::stride_w] * self.weight.view(1, -1, 1, 1)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+
 class ConvBn(nn.Sequential):
     """Conv2d (no bias) followed by BatchNorm2d: one re-parameterisation branch."""
 
@@ -84,7 +99,9 @@ class ConvBn(nn.Sequential):
         kernel = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
         padding = tuple(k // 2 for k in kernel)
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel, stride, padding, groups=groups, bias=False)
+        conv_type = (ChannelScaleConv if kernel == (1, 1) and groups == in_ch == out_ch
+                     else nn.Conv2d)
+        self.conv = conv_type(in_ch, out_ch, kernel, stride, padding, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_ch)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
