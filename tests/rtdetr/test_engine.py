@@ -3,6 +3,7 @@
 The resumption test uses a tiny stand-in detector (same interface as the real one: model(images,
 targets) -> {pred_logits, pred_boxes}, criterion(outputs, targets) -> dict of losses) with dropout,
 so restored RNG states matter, and the real data pipeline (augmentation + multi-scale collate)."""
+import copy
 import math
 import os
 
@@ -153,6 +154,26 @@ def test_param_groups_and_warmup():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4, 1e-5, 1e-5])
+
+
+def test_optimizer_is_fused_and_steps_like_plain_adamw():
+    """build_optimizer takes PyTorch's fused AdamW on CPU parameters; its updates (with the
+    groups' learning rates and weight decays) are those of the plain per-tensor AdamW."""
+    model = StandInDetector()
+    twin = copy.deepcopy(model)
+    opt = build_optimizer(model, 1e-3, 1e-2, backbone_lr=1e-4)
+    assert all(g["fused"] for g in opt.param_groups)
+    plain = torch.optim.AdamW(param_groups(twin, 1e-3, 1e-2, backbone_lr=1e-4), lr=1e-3,
+                              weight_decay=1e-2, foreach=False)
+    for _ in range(5):
+        for net in (model, twin):
+            torch.manual_seed(1)  # the same gradients for both
+            for p in net.parameters():
+                p.grad = torch.randn_like(p)
+        opt.step()
+        plain.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
 
 
 def real_detector_trainer(tmp_path, name, **train):
