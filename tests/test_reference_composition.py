@@ -143,3 +143,50 @@ def test_reference_ghost_conv_on_cuda_writes_each_output_once():
     assert "cat" not in names and "baddbmm" in names, names
     per_image_weights = B * C1 * Cin * 2  # written once, read by baddbmm (+ w1 and the scale)
     assert moved <= x_bytes + 4.5 * out_bytes + 3 * per_image_weights, (names, moved)
+
+
+# the dtype's tolerance relative to the output's largest value: inputs, x1 and the output each
+# rounded once to the dtype, accumulations in float32 (TF32 is off in conftest.py)
+GPU_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 2e-5}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("epilogue", ["none", "gate", "scale+residual", "all"])
+def test_no_grad_reference_ghost_conv_on_the_gpu(dtype, channels_last, epilogue, _fresh_seed):
+    """The default GPU path of the Ghost op (the automatic choice on CUDA: the reference without
+    autograd, i.e. cuDNN's conv + ReLU, the SE scale in per-image weights through baddbmm, and
+    each half's epilogue written into its channels of the output with the gate broadcast) on real
+    CUDA tensors, through the public op, against the plain float64 composition of the same
+    rounded inputs on the CPU."""
+    import ghostkernels
+    B, Cin, C1, H, W = 2, 24, 20, 16, 12  # whole-factor gate; the odd case below
+    g = torch.Generator().manual_seed(_fresh_seed)
+    for out_channels, gate_size in ((2 * C1, (H // 2, W // 2)), (2 * C1 - 3, (5, 5))):
+        host = {
+            "x": _rand(g, B, Cin, H, W), "w1": _rand(g, C1, Cin, scale=0.3),
+            "b1": _rand(g, C1, scale=0.3), "wc": _rand(g, C1, 9, scale=0.4),
+            "bc": _rand(g, C1, scale=0.3),
+            "scale": (torch.rand(B, Cin, generator=g, dtype=torch.float64)
+                      if "scale" in epilogue or epilogue == "all" else None),
+            "gate": (torch.rand(B, out_channels, *gate_size, generator=g, dtype=torch.float64)
+                     if epilogue in ("gate", "all") else None),
+            "residual": (_rand(g, B, out_channels, H, W)
+                         if "residual" in epilogue or epilogue == "all" else None)}
+        host = {k: None if v is None else v.to(dtype).double() for k, v in host.items()}
+        dev = {k: None if v is None
+               else _layout(v.to("cuda", dtype), channels_last and v.dim() == 4)
+               for k, v in host.items()}
+        expected = plain_ghost(host["x"], host["w1"], host["b1"], host["wc"], host["bc"], True,
+                               True, out_channels, host["scale"], host["gate"], host["residual"])
+        with torch.no_grad():
+            y = ghostkernels.ghost_conv(
+                dev["x"], dev["w1"].view(C1, Cin, 1, 1), dev["b1"], dev["wc"].view(C1, 1, 3, 3),
+                dev["bc"], act_primary="relu",
+                act_cheap="relu", out_channels=out_channels, input_scale=dev["scale"],
+                gate=dev["gate"], residual=dev["residual"])
+        assert ghostkernels.backend_for("ghost_conv", dev["x"].device, dtype) == "reference"
+        assert y.shape == expected.shape and y.dtype == dtype and y.device.type == "cuda"
+        error = (y.double().cpu() - expected).abs().max()
+        assert error <= GPU_TOL[dtype] * expected.abs().max(), (out_channels, float(error))
