@@ -39,6 +39,7 @@ from ghostkernels.ops.eager import EagerOp
 from ghostkernels.checks import (FLOATING, require_dim_size, require_dtype, require_ndim,
                                  require_same_device, require_same_dtype, require_tensor)
 from ghostkernels.reference import ghost_conv as reference
+from ghostkernels.reference.conv import scale_input
 
 OP = "ghost_conv"
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -137,7 +138,7 @@ def _backward_on_backend(ctx, grad_y):
     if input_scale is None:
         scaled_x = x
     else:
-        scaled_x = reference.scale_input(x.to(reference.compute_dtype(x.dtype)), input_scale)
+        scaled_x = scale_input(x.to(reference.compute_dtype(x.dtype)), input_scale)
     grad_scaled_x, *grad_params = reference.backward(
         grad_y0, y0, scaled_x, w_primary, w_cheap, *ctx.relu,
         needs=(needs_scaled_x, *needs[1:5]))

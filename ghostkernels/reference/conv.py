@@ -31,6 +31,13 @@ def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias, stride=1, padding=0
     return torch.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
 
 
+def scale_input(x: torch.Tensor, input_scale) -> torch.Tensor:
+    """x * input_scale[:, :, None, None] (x itself for None), in x's dtype."""
+    if input_scale is None:
+        return x
+    return x * input_scale.to(x.dtype)[:, :, None, None]
+
+
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool,
                    input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``act(conv1x1(x * input_scale[:, :, None, None], weight) + bias)``; weight [Cout, Cin],
@@ -55,5 +62,5 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, re
         y = torch.baddbmm(bias.view(1, 1, Cout), rows, per_image.transpose(1, 2))
         y = y.view(B, H, W, Cout).permute(0, 3, 1, 2)  # channels_last [B, Cout, H, W]
     else:
-        return pointwise_conv(x * input_scale.to(x.dtype)[:, :, None, None], weight, bias, relu)
+        return pointwise_conv(scale_input(x, input_scale), weight, bias, relu)
     return torch.relu(y) if relu else y

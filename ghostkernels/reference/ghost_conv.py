@@ -89,13 +89,6 @@ def sum_to_gate(t: torch.Tensor, Hg: int, Wg: int) -> torch.Tensor:
     return t.new_zeros(B, C, Hg, Wg).index_add(3, cols, by_rows)
 
 
-def scale_input(x: torch.Tensor, input_scale) -> torch.Tensor:
-    """x * input_scale[:, :, None, None] (x itself for None), in x's dtype."""
-    if input_scale is None:
-        return x
-    return x * input_scale.to(x.dtype)[:, :, None, None]
-
-
 def multiply_by_upsampled(y: torch.Tensor, gate: torch.Tensor, out=None) -> torch.Tensor:
     """``y * upsample_nearest(gate, H, W)`` (into ``out`` when given). Where H and W are whole
     multiples of the gate's size (every GhostNetV3 gate), the gate is broadcast over each f x f
@@ -104,8 +97,7 @@ def multiply_by_upsampled(y: torch.Tensor, gate: torch.Tensor, out=None) -> torc
     B, C, H, W = y.shape
     Hg, Wg = gate.shape[-2:]
     if H % Hg or W % Wg:
-        upsampled = upsample_nearest(gate, H, W)
-        return torch.mul(y, upsampled) if out is None else torch.mul(y, upsampled, out=out)
+        return torch.mul(y, upsample_nearest(gate, H, W), out=out)
     blocks = (B, C, Hg, H // Hg, Wg, W // Wg)  # nearest index of h: h // (H // Hg)
     g = gate[:, :, :, None, :, None]
     if out is None:
@@ -177,10 +169,10 @@ def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_
             continue
         hi = lo + part.shape[1]
         out = y[:, lo:hi]
-        if lo and relu_cheap and gate is None and residual is None:
-            torch.clamp_min(part, 0, out=out)  # the ReLU writes the output: one pass
-            continue
         if lo and relu_cheap:
+            if gate is None and residual is None:
+                torch.clamp_min(part, 0, out=out)  # the ReLU writes the output: one pass
+                continue
             part = part.relu_()  # x2 is this function's own tensor
         _write_epilogue(part, out, None if gate is None else gate[:, lo:hi],
                         None if residual is None else residual[:, lo:hi])
@@ -250,7 +242,7 @@ def epilogue_backward(grad_y, y0, gate, needs_gate: bool, needs_residual: bool):
 
 def scale_backward(grad_scaled_x, x, input_scale, needs_x: bool, needs_scale: bool):
     """(grad of x, grad of input_scale) from the gradient of ``x * input_scale[:, :, None, None]``
-    (``scale_input``)."""
+    (``conv.scale_input``)."""
     if input_scale is None:
         return grad_scaled_x, None
     acc = compute_dtype(x.dtype)
