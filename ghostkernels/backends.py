@@ -264,6 +264,8 @@ def _supports(op: str, backend: str, device_type: str, dtype: torch.dtype) -> st
 def runnable_backends(op: str, device_type: str, dtype: torch.dtype) -> list[str]:
     """The backends (in ``BACKENDS`` order) that can run ``op`` on ``device_type`` tensors of
     ``dtype`` here: implemented, available, and implemented for that dtype."""
+    if op not in _REGISTRY:
+        raise ValueError(f"op must be one of {sorted(_REGISTRY)}, got {op!r}")
     return [b for b in BACKENDS if not _supports(op, b, device_type, dtype)]
 
 

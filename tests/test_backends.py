@@ -145,3 +145,5 @@ def test_runnable_backends_lists_exactly_the_backends_that_can_run_an_op():
             assert "reference" in names and "cuda" not in names
     # float64: no Triton kernel (interpreter or not), no C++ kernel of this op
     assert runnable_backends("ghost_conv_depthwise", "cpu", torch.float64) == ["reference"]
+    with pytest.raises(ValueError, match="op must be one of .*ghost_conv.*got 'gost_conv'"):
+        runnable_backends("gost_conv", "cpu", torch.float32)

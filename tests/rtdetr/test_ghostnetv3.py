@@ -494,6 +494,14 @@ def test_depthwise_1x1_branch_is_the_conv_it_replaces(stride, channels_last):
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_depthwise_1x1_branch_rejects_a_wrong_input_as_the_conv_does():
+    conv = ConvBn(6, 6, 1, groups=6).conv
+    with pytest.raises(RuntimeError, match="expected input.*to have 6 channels, but got 5"):
+        conv(torch.rand(2, 5, 4, 4))
+    with pytest.raises(RuntimeError, match="Expected 3D .* or 4D .* input to conv2d"):
+        conv(torch.rand(2, 1, 6, 4, 4))
+
+
 def test_training_forward_and_backward():
     net = GhostNetV3(0.5).train()
     x = torch.rand(2, 3, 64, 64).to(memory_format=torch.channels_last)

@@ -84,9 +84,10 @@ class ChannelScaleConv(nn.Conv2d):
     thread, batch < 16: the demo's training), about a sixth of a training step there."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding != (0, 0) or self.dilation != (1, 1) or not (
-                self.groups == self.in_channels == self.out_channels):
-            return super().forward(x)
+        if (self.padding != (0, 0) or self.dilation != (1, 1)
+                or not self.groups == self.in_channels == self.out_channels
+                or x.dim() != 4 or x.shape[1] != self.in_channels):
+            return super().forward(x)  # (and nn.Conv2d's errors for a wrong input)
         stride_h, stride_w = self.stride
         y = x[:, :, ::stride_h, ::stride_w] * self.weight.view(1, -1, 1, 1)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
