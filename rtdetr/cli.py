@@ -112,23 +112,40 @@ def _image_files(paths) -> list[str]:
     return files
 
 
+def _annotated_path(output_dir: str, path: str, taken: set) -> str:
+    """``<output_dir>/<name>.pred.png``; ``<name>-1.pred.png``, ... when two inputs share a name
+    (``a/x.png`` and ``b/x.jpg``), so that no drawing overwrites another."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name, n = stem, 0
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}"
+    taken.add(name)
+    return os.path.join(output_dir, name + ".pred.png")
+
+
 @torch.no_grad()
 def predict_images(model, postprocessor, files, image_size: int, device, class_names,
-                   score_threshold: float, output_dir: str) -> list[dict]:
+                   score_threshold: float, output_dir: str,
+                   label2category: dict | None = None) -> list[dict]:
     """Detect on each file; write ``<name>.pred.png`` (boxes, labels, scores drawn) and return
-    the detections (xyxy pixels of the original image)."""
-    from PIL import Image, ImageDraw
+    the detections (xyxy pixels of the original image): ``label`` (contiguous, 0..K-1),
+    ``category_id`` (the dataset's COCO category id, from ``label2category``; the label when
+    that is not given), ``name``, ``score``, ``box_xyxy``."""
+    from PIL import ImageDraw
     from torchvision.transforms.v2 import functional as TF
+    from rtdetr.data.coco import open_rgb
     os.makedirs(output_dir, exist_ok=True)
-    results = []
+    label2category = {int(k): int(v) for k, v in (label2category or {}).items()}
+    results, taken = [], set()
     for path in files:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        im = open_rgb(path)
         x = TF.to_dtype(TF.pil_to_tensor(im), torch.float32, scale=True)
         x = TF.resize(x, [image_size, image_size]).unsqueeze(0).to(device)
         out = postprocessor(model(x), torch.tensor([[im.width, im.height]], device=device))[0]
         keep = out["scores"] >= score_threshold
-        dets = [{"label": int(lab), "name": class_names[int(lab)] if int(lab) < len(class_names)
+        dets = [{"label": int(lab), "category_id": label2category.get(int(lab), int(lab)),
+                 "name": class_names[int(lab)] if int(lab) < len(class_names)
                  else str(int(lab)), "score": round(float(s), 4),
                  "box_xyxy": [round(float(v), 2) for v in b]}
                 for lab, s, b in zip(out["labels"][keep], out["scores"][keep],
@@ -138,8 +155,7 @@ def predict_images(model, postprocessor, files, image_size: int, device, class_n
             draw.rectangle(d["box_xyxy"], outline=(255, 0, 0), width=2)
             x0, y0 = d["box_xyxy"][:2]
             draw.text((x0 + 2, y0 + 1), f"{d['name']} {d['score']:.2f}", fill=(255, 255, 0))
-        out_path = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] +
-                                ".pred.png")
+        out_path = _annotated_path(output_dir, path, taken)
         im.save(out_path)
         results.append({"image": path, "annotated": out_path, "detections": dets})
     with open(os.path.join(output_dir, "predictions.json"), "w", encoding="utf-8") as f:
@@ -185,10 +201,13 @@ def cmd_eval(args) -> int:
     from rtdetr.data import BatchCollator
     from rtdetr.engine import build_datasets, evaluate, load_checkpoint
     from rtdetr.engine.distributed import resolve_device
+    from rtdetr.engine.train import check_same_categories
     cfg = _config_from_checkpoint(args, load_checkpoint(args.checkpoint))
     device = resolve_device(cfg.train.device)
-    model, postprocessor, _ = load_trained_model(args.checkpoint, cfg, device)
+    model, postprocessor, state = load_trained_model(args.checkpoint, cfg, device)
     _, val_set = build_datasets(cfg.data, cfg.train.seed)
+    check_same_categories(val_set, state.get("label2category") or {},
+                          f"the checkpoint {args.checkpoint}")
     loader = DataLoader(val_set, batch_size=cfg.train.val_batch_size, collate_fn=BatchCollator(),
                         num_workers=cfg.train.num_workers)
     metrics = evaluate(model, postprocessor, loader, device, val_set.ann_file,
@@ -205,7 +224,7 @@ def cmd_predict(args) -> int:
     model, postprocessor, state = load_trained_model(args.checkpoint, cfg, device)
     results = predict_images(model, postprocessor, _image_files(args.images), cfg.data.image_size,
                              device, state.get("class_names", []), args.score_threshold,
-                             args.output_dir)
+                             args.output_dir, state.get("label2category"))
     n = sum(len(r["detections"]) for r in results)
     print(f"{n} detections in {len(results)} images -> {args.output_dir}/predictions.json")
     return 0
@@ -301,7 +320,8 @@ def cmd_demo(args) -> int:
         fold_rel, fold_error = float("nan"), f"{type(exc).__name__}: {exc}"
     files = [val_set.image_path(i) for i in range(min(4, len(val_set)))]
     preds = predict_images(eval_model, postprocessor, files, cfg.data.image_size, trainer.device,
-                           train_set.class_names, 0.5, os.path.join(out, "predictions"))
+                           train_set.class_names, 0.5, os.path.join(out, "predictions"),
+                           train_set.label2category)
     tiles = [Image.open(p["annotated"]).convert("RGB") for p in preds]
     w, h = tiles[0].size
     sheet = Image.new("RGB", (w * len(tiles), h))

@@ -121,8 +121,9 @@ def onnx_outputs(path: str, images: torch.Tensor, orig_target_sizes: torch.Tenso
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rtdetr export",
                                 description="Export a folded RT-DETR + postprocessor to ONNX.")
-    p.add_argument("--config", default="rtdetr_r18vd",
-                   help="config file or built-in name (default rtdetr_r18vd)")
+    p.add_argument("--config", default=None,
+                   help="config file or built-in name (default: the config stored in "
+                        "--checkpoint; rtdetr_r18vd without a checkpoint)")
     p.add_argument("--checkpoint", help="checkpoint (EMA weights when present); omit for "
                                         "random weights (graph and speed checks)")
     p.add_argument("--output", default="rtdetr.onnx", help="the .onnx file to write")
@@ -136,14 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEFAULT_CONFIG = "rtdetr_r18vd"
+
+
 def _load_model(args):
-    from rtdetr.config import load_config
+    """The model of ``--config`` (else the config the checkpoint was trained with, as ``rtdetr
+    eval`` and ``predict`` do; else rtdetr_r18vd) plus the overrides, with the checkpoint's
+    weights (EMA when present)."""
+    from rtdetr.config import Config, apply_override, from_dict, load_config, parse_override
     from rtdetr.models.config import build_model
-    cfg = load_config(args.config, args.overrides)
-    model, _, postprocessor = build_model(cfg.model)
+    state = None
     if args.checkpoint:
         from rtdetr.engine.checkpoint import load_checkpoint
         state = load_checkpoint(args.checkpoint)
+    if args.config is None and state is not None and "config" in state:
+        cfg = from_dict(Config, state["config"])
+        for text in args.overrides:
+            apply_override(cfg, *parse_override(text))
+    else:
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    model, _, postprocessor = build_model(cfg.model)
+    if state is not None:
         model.load_state_dict(state["ema"]["module"] if state.get("ema") else state["model"])
     else:
         print("rtdetr export: no --checkpoint, exporting random weights", file=sys.stderr)

@@ -4,12 +4,14 @@ Category ids (any integers, gaps allowed) are mapped to contiguous labels ``0..K
 the sorted ids; :attr:`CocoDetection.label2category` maps them back for evaluation and predictions.
 Crowd annotations are dropped; images without annotations are kept (negatives).
 
-Bad data fails loudly, naming the file and the entry: malformed JSON, a missing key, an annotation
-whose ``category_id`` is not in ``categories``, an annotation for an unknown image, a box with
-non-positive size or outside its image (beyond ``box_tolerance`` pixels), a missing or unreadable
-image file. With ``skip_invalid_boxes=True`` bad boxes are instead dropped and logged (one warning
-per box, naming the file and the annotation id). Boxes that overshoot the border by at most
-``box_tolerance`` pixels are clamped to the image.
+Bad data fails loudly, naming the file and the entry: malformed JSON, a missing key, an entry that
+is not an object, a repeated image id, a non-positive image size, an annotation whose
+``category_id`` is not in ``categories``, an annotation for an unknown image, a box that is not 4
+numbers, has a non-positive size or lies outside its image (beyond ``box_tolerance`` pixels, or
+wholly past the border), a missing or unreadable image file. With ``skip_invalid_boxes=True`` bad
+boxes are instead dropped and logged (one warning per box, naming the file and the annotation id).
+Boxes that overshoot the border by at most ``box_tolerance`` pixels are clamped to the image.
+16-bit images (16-bit grayscale PNG/TIFF) are scaled to 8 bits.
 
 A sample is ``(image, target)``: ``image`` a ``tv_tensors.Image`` (uint8, CHW, RGB) and ``target`` a
 dict with ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY pixels), ``labels`` (int64), ``image_id``
@@ -51,10 +53,27 @@ def load_coco_json(ann_file: str) -> dict:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DatasetError(f"{ann_file}: missing or non-list key {key!r}")
+    for key in ("images", "annotations", "categories"):
+        for i, entry in enumerate(data[key]):
+            if not isinstance(entry, dict):
+                raise DatasetError(f"{ann_file}: {key}[{i}] must be a JSON object, got "
+                                   f"{type(entry).__name__} {entry!r}")
+    seen_ids: dict = {}
     for i, img in enumerate(data["images"]):
         for key in ("id", "file_name", "width", "height"):
             if key not in img:
                 raise DatasetError(f"{ann_file}: images[{i}] lacks {key!r}: {img}")
+        for key in ("width", "height"):
+            v = img[key]
+            if isinstance(v, float) and v.is_integer():
+                img[key] = v = int(v)  # some tools write 640.0
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise DatasetError(f"{ann_file}: images[{i}] (id {img['id']}) has {key} "
+                                   f"{v!r}, expected a positive int")
+        if img["id"] in seen_ids:
+            raise DatasetError(f"{ann_file}: images[{i}] repeats image id {img['id']} of "
+                               f"images[{seen_ids[img['id']]}]")
+        seen_ids[img["id"]] = i
     for i, ann in enumerate(data["annotations"]):
         for key in ("image_id", "category_id", "bbox"):
             if key not in ann:
@@ -64,6 +83,23 @@ def load_coco_json(ann_file: str) -> dict:
         if "id" not in cat:
             raise DatasetError(f"{ann_file}: categories[{i}] lacks 'id'")
     return data
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB. 16-bit images (modes ``I;16*``, e.g. 16-bit grayscale PNG or TIFF) are
+    scaled to 8 bits (``v / 257``) first: PIL's own ``convert("RGB")`` clips them at 255, which
+    turns almost every pixel white."""
+    if im.mode.startswith("I;16"):
+        a = np.asarray(im).astype(np.float32) / 257.0
+        im = Image.fromarray(np.rint(a).clip(0, 255).astype(np.uint8), "L")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def open_rgb(path: str) -> Image.Image:
+    """Read an image file fully, as 8-bit RGB (see :func:`to_rgb`)."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -106,13 +142,16 @@ class CocoDetection(torch.utils.data.Dataset):
         w_img, h_img = img["width"], img["height"]
         bbox = ann["bbox"]
         problem = None
-        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
-            problem = f"bbox must be [x, y, w, h], got {bbox!r}"
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+            problem = f"bbox must be [x, y, w, h] (4 numbers), got {bbox!r}"
         else:
             x, y, w, h = (float(v) for v in bbox)
             if not np.isfinite([x, y, w, h]).all() or w <= 0 or h <= 0:
                 problem = f"bbox {bbox} has a non-finite or non-positive size"
-            elif x < -tol or y < -tol or x + w > w_img + tol or y + h > h_img + tol:
+            elif (x < -tol or y < -tol or x + w > w_img + tol or y + h > h_img + tol
+                  # within the tolerance band but wholly past the border: nothing left to clamp
+                  or x >= w_img or y >= h_img or x + w <= 0 or y + h <= 0):
                 problem = (f"bbox {bbox} (xywh) lies outside image {img['file_name']!r} of size "
                            f"{w_img}x{h_img}")
         if problem:
@@ -138,8 +177,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise FileNotFoundError(f"image file not found: {path} (image id {image_id} in "
                                     f"{self.ann_file})")
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
+            im = open_rgb(path)
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise DatasetError(f"cannot read image {path} (image id {image_id}): {exc}") from None
         expected = (self.images[index]["width"], self.images[index]["height"])

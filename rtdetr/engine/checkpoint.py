@@ -30,10 +30,36 @@ def save_checkpoint(state: dict, path: str) -> None:
         raise
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or that is not an rtdetr checkpoint."""
+
+
+# What `Trainer.state_dict()` writes and `--resume` needs.
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "global_step",
+               "step_in_epoch", "losses", "rng")
+
+
+def load_checkpoint(path: str, map_location="cpu", resume: bool = False) -> dict:
+    """The dict a training run saved at ``path``. A truncated or corrupt file, or one that is not
+    an rtdetr checkpoint (a dict with ``model``; with ``resume``, every entry exact resumption
+    needs), is a :class:`CheckpointError` naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and OS errors alike: say which file
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt file?): "
+                              f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict) or "model" not in state:
+        what = f"a dict with keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) \
+            else f"a {type(state).__name__}"
+        raise CheckpointError(f"{path} is not an rtdetr checkpoint (a dict with 'model', as "
+                              f"`rtdetr train` writes): it holds {what}")
+    missing = [k for k in RESUME_KEYS if k not in state] if resume else []
+    if missing:
+        raise CheckpointError(f"cannot resume from {path}: it lacks {missing} (not a checkpoint "
+                              f"written by `rtdetr train`?)")
+    return state
 
 
 def capture_rng_state() -> dict:

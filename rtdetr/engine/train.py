@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from rtdetr.data import BatchCollator, CocoDetection, DetectionTransforms, generate_shapes_dataset
+from rtdetr.data import (BatchCollator, CocoDetection, DatasetError, DetectionTransforms,
+                         generate_shapes_dataset)
 from rtdetr.engine.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state,
                                       save_checkpoint)
 from rtdetr.engine.distributed import (ResumableSampler, all_gather_objects, all_reduce_mean,
@@ -55,7 +56,18 @@ def build_datasets(data_cfg, seed: int = 0):
     val_tf = DetectionTransforms(d.image_size, train=False)
     train_set = CocoDetection(train_images, train_ann, train_tf, d.skip_invalid_boxes)
     val_set = CocoDetection(val_images, val_ann, val_tf, d.skip_invalid_boxes)
+    check_same_categories(val_set, train_set.label2category, f"the training set {train_ann}")
     return train_set, val_set
+
+
+def check_same_categories(dataset, label2category: dict, source: str) -> None:
+    """Labels mean categories through ``label2category`` (the training set's); a dataset that
+    lists other category ids would map the model's labels to the wrong ones, silently."""
+    if label2category and dict(dataset.label2category) != dict(label2category):
+        raise DatasetError(f"{dataset.ann_file} lists category ids "
+                           f"{sorted(dataset.label2category.values())}, but {source} has "
+                           f"{sorted(label2category.values())}: a model's labels 0..K-1 stand "
+                           f"for the training categories, so both must list the same ids")
 
 
 def move_targets(targets: list[dict], device) -> list[dict]:
@@ -147,7 +159,7 @@ class Trainer:
         barrier()
 
     def resume(self, path: str) -> None:
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        self.load_state_dict(load_checkpoint(path, map_location=self.device, resume=True))
 
     def eval_model(self):
         return self.ema.module if self.ema is not None else unwrap(self.model)
@@ -229,9 +241,14 @@ class Trainer:
                                    shuffle=False)
         loader = DataLoader(self.val_set, batch_size=t.val_batch_size, sampler=sampler,
                             collate_fn=BatchCollator(), num_workers=t.num_workers)
-        return evaluate(self.eval_model(), self.postprocessor, loader, self.device,
-                        self.val_set.ann_file, self.val_set.label2category, self.amp,
-                        t.progress and self.info.is_main)
+        # Under forked RNGs: evaluating (its DataLoader draws a seed from the global generator)
+        # must not change the training that follows, or a run resumed from a checkpoint written
+        # after an evaluation the uninterrupted run did not do would diverge from it.
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            return evaluate(self.eval_model(), self.postprocessor, loader, self.device,
+                            self.val_set.ann_file, self.val_set.label2category, self.amp,
+                            t.progress and self.info.is_main)
 
     def fit(self, resume: str | None = None) -> dict:
         t = self.cfg.train

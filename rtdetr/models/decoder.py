@@ -87,6 +87,9 @@ class RTDETRDecoder(nn.Module):
             raise ValueError(f"feat_channels ({list(feat_channels)}) and feat_strides "
                              f"({list(feat_strides)}) must have equal length <= num_levels "
                              f"({num_levels})")
+        if num_queries < 1 or num_decoder_layers < 1:
+            raise ValueError(f"num_queries and num_decoder_layers must be >= 1, got "
+                             f"{num_queries} and {num_decoder_layers}")
         if not -num_decoder_layers <= eval_idx < num_decoder_layers:
             raise ValueError(f"eval_idx must index the {num_decoder_layers} decoder layers, "
                              f"got {eval_idx}")

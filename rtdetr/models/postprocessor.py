@@ -88,9 +88,9 @@ class RTDETRPostProcessor(nn.Module):
         scale = orig_target_sizes.to(boxes.dtype).repeat(1, 2).unsqueeze(1)  # (w, h, w, h)
         boxes = box_cxcywh_to_xyxy(boxes) * scale
         num_classes = logits.shape[-1]
-        k = self.num_top_queries
-        if eager:  # fewer than num_top_queries scores: keep them all
-            k = min(k, logits.shape[1] * num_classes)
+        # Fewer than num_top_queries scores: keep them all. Q and K are fixed by the model, so
+        # the clamp is also right in a traced/exported graph (whose batch alone is dynamic).
+        k = min(self.num_top_queries, logits.shape[1] * num_classes)
         scores, index = logits.sigmoid().flatten(1).topk(k, dim=-1)
         query = torch.div(index, num_classes, rounding_mode="floor")
         labels = index - query * num_classes  # mod, written TensorRT-friendly

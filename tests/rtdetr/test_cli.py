@@ -73,8 +73,26 @@ def test_train_eval_predict_end_to_end(tmp_path, capsys):
     assert len(results) == 2 and all(os.path.isfile(r["annotated"]) for r in results)
     det = results[0]["detections"][0]
     assert det["name"] in ("circle", "square", "triangle") and len(det["box_xyxy"]) == 4
+    # the JSON reports the dataset's COCO category ids (synthetic: label + 1), as README says
+    assert all(d["category_id"] == d["label"] + 1 for r in results for d in r["detections"])
+    # two inputs with one stem (other folder, other extension): two drawings, none overwritten
+    first = sorted(os.listdir(images))[0]
+    other = tmp_path / "other"
+    other.mkdir()
+    from PIL import Image
+    Image.open(images / first).save(other / (os.path.splitext(first)[0] + ".jpg"))
+    assert cli.main(["predict", "--checkpoint", str(out / "last.pth"), "--images",
+                     str(images / first), str(other), "--output-dir", str(pred)]) == 0
+    results = json.load(open(pred / "predictions.json"))
+    assert len({r["annotated"] for r in results}) == 2
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         cli.main(["predict", "--checkpoint", str(out / "last.pth"), "--images", "nope.png"])
+    # export without --config builds the model the checkpoint was trained with (as eval and
+    # predict do), not rtdetr_r18vd, whose weights do not fit
+    onnx_path = tmp_path / "m.onnx"
+    assert cli.main(["export", "--checkpoint", str(out / "last.pth"), "--output",
+                     str(onnx_path), "--image-size", "64"]) == 0
+    assert onnx_path.is_file()
 
 
 def test_bench_tuned_mode_tunes_then_clears(tmp_path):

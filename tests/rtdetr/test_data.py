@@ -50,6 +50,22 @@ def test_label_mapping_round_trip_crowd_dropped_empty_kept(gapped):
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
 
 
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG (mode I;16): PIL's convert("RGB") clips every value above 255 to
+    white; the dataset scales it (v / 257) instead."""
+    folder, ann = write_coco(str(tmp_path), [], [], [{"id": 1, "name": "c"}])
+    gray16 = (np.arange(12 * 10).reshape(10, 12) * 500).astype(np.uint16)
+    Image.fromarray(gray16).save(os.path.join(folder, "g.png"))
+    assert Image.open(os.path.join(folder, "g.png")).mode.startswith("I;16")
+    json.dump({"images": [{"id": 1, "file_name": "g.png", "width": 12, "height": 10}],
+               "annotations": [], "categories": [{"id": 1, "name": "c"}]}, open(ann, "w"))
+    image, _ = CocoDetection(folder, ann)[0]
+    want = torch.from_numpy(np.rint(gray16 / 257.0).astype(np.uint8))
+    assert image.shape == (3, 10, 12) and image.dtype == torch.uint8
+    for channel in image:
+        assert torch.equal(channel, want)
+
+
 def random_sample(n=5, h=48, w=64):
     xy = torch.rand(n, 2) * torch.tensor([w * 0.55, h * 0.55])
     wh = 4 + torch.rand(n, 2) * torch.tensor([w * 0.35, h * 0.35])

@@ -93,3 +93,51 @@ def test_image_size_disagrees_with_json(tmp_path):
     json.dump(data, open(ann, "w"))
     with pytest.raises(DatasetError, match="a.png .* is 40x30, but .* says 41x30"):
         CocoDetection(folder, ann)[0]
+
+
+def test_repeated_image_id(tmp_path):
+    """A second image with the same id would silently take the first one's annotations (and
+    pycocotools would keep only one of the two)."""
+    images = IMAGES + [{"id": 1, "file_name": "b.png", "width": 20, "height": 20}]
+    with pytest.raises(DatasetError, match=r"ann\.json: images\[1\] repeats image id 1"):
+        CocoDetection(*make(tmp_path, images=images))
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"annotations": ["x"]}, r"annotations\[0\] must be a JSON object"),
+    ({"images": [{"id": 1, "file_name": "a.png", "width": "40", "height": 30}]},
+     r"images\[0\] \(id 1\) has width '40', expected a positive int"),
+    ({"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 0}]},
+     r"images\[0\] \(id 1\) has height 0"),
+    ({"annotations": [{"id": 6, "image_id": 1, "category_id": 1, "bbox": [1, 1, None, 5]}]},
+     r"annotation id 6: bbox must be \[x, y, w, h\] \(4 numbers\)"),
+], ids=["entry-not-object", "string-width", "zero-height", "null-in-bbox"])
+def test_malformed_entries_name_the_file_and_entry(tmp_path, bad, match):
+    folder, ann = make(tmp_path)
+    data = json.load(open(ann))
+    data.update(bad)
+    json.dump(data, open(ann, "w"))
+    with pytest.raises(DatasetError, match=r"ann\.json: " + match):
+        CocoDetection(folder, ann)
+
+
+def test_integral_float_image_size_is_accepted(tmp_path):
+    folder, ann = make(tmp_path)
+    data = json.load(open(ann))
+    data["images"][0].update(width=40.0, height=30.0)
+    json.dump(data, open(ann, "w"))
+    assert CocoDetection(folder, ann)[0][0].shape == (3, 30, 40)
+
+
+def test_box_wholly_past_the_border_within_tolerance(tmp_path, caplog):
+    """[40.5, 5, 0.4, 5] in a 40 px wide image ends within the 1 px tolerance but starts past
+    the border: clamping would make it an inverted box (x0 40.5 > x1 40)."""
+    anns = [{"id": 8, "image_id": 1, "category_id": 1, "bbox": [40.5, 5, 0.4, 5]},
+            {"id": 9, "image_id": 1, "category_id": 1, "bbox": [39.5, 5, 1.4, 5]}]
+    paths = make(tmp_path, anns)
+    with pytest.raises(DatasetError, match=r"annotation id 8: bbox .* outside image 'a.png'"):
+        CocoDetection(*paths)
+    with caplog.at_level(logging.WARNING):
+        ds = CocoDetection(*paths, skip_invalid_boxes=True)
+    assert "annotation id 8" in caplog.text
+    assert ds[0][1]["boxes"].tolist() == [[39.5, 5, 40, 10]]  # id 9: clamped, kept

@@ -264,6 +264,14 @@ def test_decoder_rejects_inputs_smaller_than_num_queries():
         dec(_feats(h=4, w=4))  # 16 + 4 + 1 = 21 positions < 50 queries
 
 
+@pytest.mark.parametrize("kwargs", [{"num_queries": 0}, {"num_queries": -1},
+                                    {"num_decoder_layers": 0}])
+def test_decoder_rejects_no_queries_or_layers(kwargs):
+    """num_queries <= 0 used to build and then fail in the first forward, in topk or reshape."""
+    with pytest.raises(ValueError, match="num_queries and num_decoder_layers must be >= 1"):
+        _decoder(**kwargs)
+
+
 def test_query_selection_equals_box_head_over_every_position_then_top_k():
     """The encoder box head runs on the top-k rows only; it must equal RT-DETR's formulation
     (box head over all S positions + anchors, then gather the top k), values and gradients."""

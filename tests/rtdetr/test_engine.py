@@ -176,8 +176,9 @@ def test_optimizer_is_fused_and_steps_like_plain_adamw():
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
 
 
-def real_detector_trainer(tmp_path, name, **train):
-    """A Trainer of the demo detector (GhostNetV3 + denoising) on a few 64 px synthetic images."""
+def real_detector_trainer(tmp_path, name, with_val=False, **train):
+    """A Trainer of the demo detector (GhostNetV3 + denoising) on a few 64 px synthetic images
+    (``with_val``: with the held-out split, evaluated after the last step)."""
     from rtdetr.models import build_model
     overrides = [f"data.root={tmp_path / 'shapes'}", "data.synthetic_num_train=6",
                  "data.synthetic_num_val=2", "data.synthetic_image_size=64",
@@ -187,8 +188,9 @@ def real_detector_trainer(tmp_path, name, **train):
     cfg = load_config("demo", overrides)
     torch.manual_seed(0)
     model, criterion, postprocessor = build_model(cfg.model)
-    train_set, _ = build_datasets(cfg.data, cfg.train.seed)
-    return Trainer(cfg, model, criterion, postprocessor, train_set)
+    train_set, val_set = build_datasets(cfg.data, cfg.train.seed)
+    return Trainer(cfg, model, criterion, postprocessor, train_set,
+                   val_set if with_val else None)
 
 
 def test_resume_mid_run_gives_the_same_losses_with_the_real_detector(tmp_path):
@@ -208,6 +210,72 @@ def test_resume_mid_run_gives_the_same_losses_with_the_real_detector(tmp_path):
     assert len(full.losses) == 4 and resumed.losses == full.losses
     for a, b in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_resume_after_a_run_that_stopped_and_evaluated_gives_the_same_losses(tmp_path):
+    """A run stopped by train.max_steps evaluates before its checkpoint; the evaluation (whose
+    DataLoader draws on the global RNG) must not change the RNG state the resumed run restores,
+    or its denoising noise, hence its losses, differ from the uninterrupted run's."""
+    def trainer(name, **train):
+        return real_detector_trainer(tmp_path, name, with_val=True, device="cpu", **train)
+
+    full = trainer("full", epochs=2)
+    full.fit()
+    part = trainer("part", epochs=2, max_steps=3)  # evaluates after step 3, then checkpoints
+    part.fit()
+    assert part.metrics  # it did evaluate
+    rng = torch.get_rng_state()
+    part.evaluate()
+    assert torch.equal(torch.get_rng_state(), rng)
+    resumed = trainer("resumed", epochs=2)
+    resumed.fit(resume=part.checkpoint_path)
+    assert len(full.losses) == 4 and resumed.losses == full.losses
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", "truncated", "not_a_checkpoint",
+                                     "model_only"])
+def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path, content):
+    from rtdetr.engine import CheckpointError, load_checkpoint
+    path = tmp_path / "last.pth"
+    good = {"model": {"w": torch.zeros(1000)}, "optimizer": {}, "scheduler": {}, "scaler": {},
+            "epoch": 0, "global_step": 1, "step_in_epoch": 1, "losses": [], "rng": []}
+    save_checkpoint(good, str(path))
+    assert load_checkpoint(str(path), resume=True)["global_step"] == 1
+    if content == "truncated":
+        path.write_bytes(path.read_bytes()[:2000])
+    elif content == "not_a_checkpoint":
+        torch.save([1, 2, 3], path)
+    elif content == "model_only":
+        torch.save({"model": {}}, path)
+    else:
+        path.write_bytes(content)
+    match = {"not_a_checkpoint": "not an rtdetr checkpoint.*list",
+             "model_only": "cannot resume from .*lacks"}.get(content,
+                                                             "cannot read checkpoint .*last.pth")
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(str(path), resume=True)
+
+
+def test_val_set_with_other_category_ids_than_the_train_set_is_an_error(tmp_path):
+    """Labels 0..K-1 are the training categories; a val JSON listing other ids (same count)
+    would have evaluation map every label to the wrong category, silently."""
+    import json
+    from rtdetr.data import DatasetError
+    (tmp_path / "img").mkdir()
+    for split, ids in (("train", [1, 2, 5]), ("val", [1, 2, 6])):
+        with open(tmp_path / f"{split}.json", "w") as f:
+            json.dump({"images": [], "annotations": [],
+                       "categories": [{"id": i, "name": str(i)} for i in ids]}, f)
+    cfg = load_config(None, ["data.dataset=coco", f"data.train_images={tmp_path / 'img'}",
+                             f"data.train_annotations={tmp_path / 'train.json'}",
+                             f"data.val_images={tmp_path / 'img'}",
+                             f"data.val_annotations={tmp_path / 'val.json'}"])
+    with pytest.raises(DatasetError, match=r"val\.json lists category ids \[1, 2, 6\], but the "
+                                           r"training set .*train\.json has \[1, 2, 5\]"):
+        build_datasets(cfg.data)
+    cfg.data.val_annotations = cfg.data.train_annotations
+    train_set, val_set = build_datasets(cfg.data)
+    assert val_set.label2category == train_set.label2category == {0: 1, 1: 2, 2: 5}
 
 
 @pytest.mark.gpu

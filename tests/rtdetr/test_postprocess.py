@@ -99,6 +99,33 @@ def test_deploy_returns_tensors_and_exports_to_onnx():
         torch.testing.assert_close(torch.from_numpy(g), w)
 
 
+def test_export_with_fewer_scores_than_num_top_queries_keeps_all():
+    """Q * K < num_top_queries (e.g. 300 top queries, 100 queries, 1 class): the traced graph
+    keeps all Q * K scores as eager mode does, instead of failing in topk."""
+    post = RTDETRPostProcessor(num_classes=3, num_top_queries=300).deploy()
+    outputs, sizes = random_outputs(batch=2, queries=4), torch.tensor([[64, 48], [32, 32]])
+
+    class Export(torch.nn.Module):
+        def forward(self, logits, pred_boxes, orig_target_sizes):
+            return post({"pred_logits": logits, "pred_boxes": pred_boxes}, orig_target_sizes)
+
+    buffer = io.BytesIO()
+    torch.onnx.export(Export(), (outputs["pred_logits"], outputs["pred_boxes"], sizes), buffer,
+                      input_names=["logits", "pred_boxes", "orig_target_sizes"],
+                      output_names=["labels", "boxes", "scores"], opset_version=17, dynamo=False,
+                      dynamic_axes={n: {0: "batch"} for n in
+                                    ("logits", "pred_boxes", "orig_target_sizes")})
+    session = onnxruntime.InferenceSession(buffer.getvalue())
+    other, other_sizes = random_outputs(batch=3, queries=4), torch.tensor([[64, 48]] * 3)
+    got = session.run(None, {"logits": other["pred_logits"].numpy(),
+                             "pred_boxes": other["pred_boxes"].numpy(),
+                             "orig_target_sizes": other_sizes.numpy()})
+    want = post(other, other_sizes)
+    assert got[0].shape == (3, 12) and torch.equal(torch.from_numpy(got[0]), want[0])
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(torch.from_numpy(g), w)
+
+
 def test_bad_arguments_raise():
     post = RTDETRPostProcessor(num_classes=3, num_top_queries=5)
     outputs = random_outputs()
