@@ -366,5 +366,7 @@ def recording_calls() -> Iterator[dict]:
 
 def backend_for(op: str, device: torch.device | str, dtype: torch.dtype) -> str:
     """Public helper: which backend would run ``op`` now (for logs and benchmarks)."""
+    if op not in _REGISTRY:  # select() would answer "reference" for any name
+        raise ValueError(f"op must be one of {sorted(_REGISTRY)}, got {op!r}")
     return select(op, torch.device(device), dtype)
 

@@ -18,7 +18,11 @@ Differences from the originals, all in the caller's favour: ``im2col_step`` is a
 dtype on any device or, as RT-DETR passes them, a list of ``(h, w)`` pairs; the functions without a
 ``level_start_index`` argument derive it from the shapes. RT-DETRv2's per-level point counts may
 differ between levels (the kernels take one count: the levels with fewer points are padded with
-zero-weight points); its ``"discrete"`` sampling method is not provided.
+zero-weight points); its ``"discrete"`` sampling method is not provided. Floating-point attention
+weights (and sampling locations neither float32 nor of value's dtype) of another dtype than
+``value`` are cast to value's dtype, as mmcv's function does: under ``torch.autocast`` the value
+projection gives half-precision values while the softmaxed weights stay float32, which the
+originals accept (the result is then in value's dtype).
 """
 from __future__ import annotations
 
@@ -64,6 +68,23 @@ def _level_index(index) -> torch.Tensor:
     return index.long()
 
 
+def _in_value_dtype(value, sampling_locations, attention_weights):
+    """``(sampling_locations, attention_weights)`` cast to value's dtype where they are floating
+    tensors of another one (sampling locations may stay float32), as mmcv's function casts them
+    (``type_as(value)``): under autocast the weights come float32 and the values half. Anything
+    else is left for :func:`ms_deform_attn`'s checks to name."""
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        return sampling_locations, attention_weights
+    dtype = value.dtype
+    if isinstance(attention_weights, torch.Tensor) and attention_weights.is_floating_point() \
+            and attention_weights.dtype != dtype:
+        attention_weights = attention_weights.to(dtype)
+    if isinstance(sampling_locations, torch.Tensor) and sampling_locations.is_floating_point() \
+            and sampling_locations.dtype not in (dtype, torch.float32):
+        sampling_locations = sampling_locations.to(dtype)
+    return sampling_locations, attention_weights
+
+
 def _check_im2col_step(im2col_step) -> None:
     if isinstance(im2col_step, torch.Tensor) and im2col_step.numel() == 1:
         im2col_step = int(im2col_step)
@@ -84,6 +105,8 @@ class MSDeformAttnFunction:
               im2col_step: int = 64) -> torch.Tensor:
         _check_im2col_step(im2col_step)
         shapes = _level_shapes("value_spatial_shapes", value_spatial_shapes)
+        sampling_locations, attention_weights = _in_value_dtype(value, sampling_locations,
+                                                                attention_weights)
         return ms_deform_attn(value, shapes, _level_index(value_level_start_index),
                               sampling_locations, attention_weights)
 
@@ -98,6 +121,8 @@ def multi_scale_deformable_attn_pytorch(value: torch.Tensor, value_spatial_shape
     """mmcv's / Deformable-DETR's PyTorch core, ``(value, value_spatial_shapes,
     sampling_locations, attention_weights) -> [N, Lq, M*D]``, on the fused kernels."""
     shapes = _level_shapes("value_spatial_shapes", value_spatial_shapes)
+    sampling_locations, attention_weights = _in_value_dtype(value, sampling_locations,
+                                                            attention_weights)
     return ms_deform_attn(value, shapes, _level_starts(shapes), sampling_locations,
                           attention_weights)
 

@@ -69,7 +69,9 @@ class MSDeformAttn(nn.Module):
         ref = reference_points[:, :, None, :, None, :]
         if reference_points.shape[-1] == 2:
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
-            return ref + offsets / normalizer.to(offsets.dtype)[None, None, None, :, None, :]
+            # The level table may stay on the CPU (as ms_deform_attn allows) for inputs elsewhere.
+            normalizer = normalizer.to(offsets.device, offsets.dtype, non_blocking=True)
+            return ref + offsets / normalizer[None, None, None, :, None, :]
         scale = self.offset_scale / self.n_points
         return ref[..., :2] + offsets * scale * ref[..., 2:]
 

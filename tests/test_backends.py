@@ -147,3 +147,10 @@ def test_runnable_backends_lists_exactly_the_backends_that_can_run_an_op():
     assert runnable_backends("ghost_conv_depthwise", "cpu", torch.float64) == ["reference"]
     with pytest.raises(ValueError, match="op must be one of .*ghost_conv.*got 'gost_conv'"):
         runnable_backends("gost_conv", "cpu", torch.float32)
+
+
+def test_backend_for_rejects_an_unknown_op():
+    """backend_for named "reference" for a misspelt op, as if it would run there."""
+    with pytest.raises(ValueError, match=r"op must be one of .*'ghost_conv'.* got 'gost_conv'"):
+        ghostkernels.backend_for("gost_conv", "cpu", torch.float32)
+    assert ghostkernels.backend_for("ghost_conv", "cpu", torch.float32) in ("cpu", "reference")

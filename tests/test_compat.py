@@ -54,6 +54,31 @@ def test_half_precision_values():
     assert out.dtype == torch.bfloat16 and rel_err(out, expected) < 2e-2
 
 
+def test_float32_weights_with_autocast_half_values():
+    """Under torch.autocast the value projection gives half-precision values while the softmaxed
+    weights (and the locations) stay float32: the originals accept that (mmcv's function casts
+    both to value's dtype, the PyTorch cores' grid_sample runs in float32); so does every entry
+    point here (it raised that the weights must have value's dtype)."""
+    value, shapes, starts, loc, weights = _inputs(dtype=torch.float32)
+    expected = naive_ms_deform_attn(value, shapes, starts, loc, weights).flatten(2)
+    leaves = [t.clone().requires_grad_() for t in (value, loc, weights)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half_value = torch.nn.functional.linear(leaves[0], torch.eye(4))  # bfloat16 here
+        assert half_value.dtype == torch.bfloat16
+        outs = [compat.MSDeformAttnFunction.apply(half_value, shapes, starts, *leaves[1:], 64),
+                compat.multi_scale_deformable_attn_pytorch(half_value, shapes, *leaves[1:]),
+                compat.deformable_attention_core_func(half_value, SHAPES, *leaves[1:]),
+                compat.deformable_attention_core_func_v2(
+                    half_value, SHAPES, leaves[1].flatten(3, 4), leaves[2].flatten(3), [3] * 3)]
+    for out in outs:
+        assert out.dtype == torch.bfloat16 and rel_err(out, expected) < 2e-2
+    grads = torch.autograd.grad(sum(o.float().sum() for o in outs), leaves)
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    # float64 locations with float32 values: cast as mmcv casts them
+    out = compat.multi_scale_deformable_attn_pytorch(value, shapes, loc.double(), weights.double())
+    assert out.dtype == torch.float32 and rel_err(out, expected) < 1e-5
+
+
 def test_bad_arguments_name_what_is_wrong():
     value, shapes, starts, loc, weights = _inputs()
     apply = compat.MSDeformAttnFunction.apply

@@ -188,6 +188,38 @@ def test_no_bias_means_zero_bias_and_2d_primary_weight():
                                     None)) < 1e-12
 
 
+@pytest.mark.parametrize("empty_dim", [0, 2, 3], ids=["B0", "H0", "W0"])
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+def test_gradients_of_empty_inputs_are_zero(backend, empty_dim):
+    """An input with no pixels (B, H or W = 0) gives an empty output in the forward and zero
+    gradients in the backward, for the Ghost op, the depthwise conv and their fusion (the backward
+    of H = 0 or W = 0 ran a convolution that rejects it, after a forward that had succeeded)."""
+    shape = [2, 3, 5, 6]
+    shape[empty_dim] = 0
+    x = torch.randn(shape, dtype=torch.float64)
+    C1 = 4
+    params = [torch.randn(C1, 3, 1, 1), torch.randn(C1), torch.randn(C1, 1, 3, 3),
+              torch.randn(C1)]
+    w_dw, b_dw, scale = torch.randn(7, 1, 3, 3), torch.randn(7), torch.rand(shape[0], 3)
+    leaves = [t.double().requires_grad_() for t in (x, *params, w_dw, b_dw, scale)]
+    x, w_primary, b_primary, w_cheap, b_cheap, w_dw, b_dw, scale = leaves
+    # the fusion has no cpu kernel: forcing "cpu" there would raise BackendUnavailableError
+    fused_backend = "reference" if backend == "cpu" else backend
+    with use_backend(backend):
+        outs = [ghostkernels.ghost_conv(x, w_primary, b_primary, w_cheap, b_cheap,
+                                        out_channels=7, input_scale=scale),
+                ghostkernels.depthwise_conv(x, w_dw[:3], b_dw[:3], 2, "relu")]
+    with use_backend(fused_backend):
+        outs.append(ghostkernels.ghost_conv_depthwise(
+            x, w_primary, b_primary, w_cheap, b_cheap, w_dw, b_dw, out_channels=7,
+            input_scale=scale))
+    for out in outs:
+        assert out.numel() == 0
+        grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+        for leaf, grad in zip(leaves, grads):
+            assert grad is None or (grad.shape == leaf.shape and not grad.any())
+
+
 def test_non_contiguous_input_and_empty_batch():
     x, *params = make_inputs(*CASES["nchw-relu-relu"])
     x_strided = torch.stack([x, x], dim=-1)[..., 0]  # a strided view with the values of x

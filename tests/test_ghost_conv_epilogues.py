@@ -148,6 +148,28 @@ def test_gradients_match_definition(backend, dtype, name, _fresh_seed):
 
 
 @pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+@pytest.mark.parametrize("wanted", ["w_primary", "b_cheap", "gate", "residual"])
+def test_gradient_of_one_input_with_input_scale(wanted, backend):
+    """With input_scale given, a gradient of a parameter or epilogue alone (neither x nor the
+    scale requires grad, as for frozen features) is the one of the definition (the backward
+    crashed on the missing gradient of the scaled input)."""
+    require(backend, OP, torch.float64)
+    cfg = (2, 3, 4, 4, 5, False, "relu", "relu", 7, EXTRAS, (2, 3))
+    args, extras = make_inputs(*cfg), make_extras(cfg)
+    tensors = dict(zip(["x", "w_primary", "b_primary", "w_cheap", "b_cheap"], args), **extras)
+    tensors[wanted] = tensors[wanted].detach().requires_grad_()
+    t = list(tensors.values())
+    with use_backend(backend):
+        out = ghostkernels.ghost_conv(*t[:5], "relu", "relu", 7, **dict(zip(extras, t[5:])))
+        (grad,) = torch.autograd.grad(out.square().sum(), tensors[wanted])
+    ref_t = {k: v.detach().requires_grad_(k == wanted) for k, v in tensors.items()}
+    r = list(ref_t.values())
+    ref = plain_ghost_extras(r[:5], "relu", "relu", 7, **dict(zip(extras, r[5:])))
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), ref_t[wanted])
+    assert rel_err(grad, ref_grad) < 1e-10
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
 def test_gradcheck_float64(backend):
     require(backend, OP, torch.float64)
     for extras, cl, act_p, act_c, oc in (

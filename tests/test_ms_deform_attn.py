@@ -161,6 +161,23 @@ def test_empty_batch_and_queries():
     assert out.shape == (value.shape[0], 0, value.shape[2] * value.shape[3])
 
 
+@pytest.mark.parametrize("tables_on", ["cpu", "meta"])
+def test_meta_tensors_give_shapes(tables_on):
+    """On the meta device (shape inference, models built under ``torch.device("meta")``) the op
+    gives the output's shape and dtype, and empty gradients of the inputs' shapes, as ghost_conv
+    does, with the level tables on the CPU or on the meta device (which cannot be read)."""
+    value, shapes, starts, loc, weights = make_inputs(*CASES["basic"])
+    value, loc, weights = (t.to("meta") for t in (value, loc, weights))
+    shapes, starts = shapes.to(tables_on), starts.to(tables_on)
+    leaves = [t.requires_grad_() for t in (value, loc, weights)]
+    for op in (ghostkernels.ms_deform_attn, ghostkernels.ms_deform_attn_softmax):
+        out = op(leaves[0], shapes, starts, *leaves[1:])
+        assert out.is_meta and out.dtype == value.dtype
+        assert out.shape == (value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
+        grads = torch.autograd.grad(out.sum(), leaves)
+        assert [g.shape for g in grads] == [t.shape for t in leaves]
+
+
 @pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
 def test_opcheck(backend):
     require(backend, OP, torch.float64)

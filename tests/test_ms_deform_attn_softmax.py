@@ -222,3 +222,16 @@ def test_msdeformattn_equals_explicit_softmax_path(backend, dtype):
     assert set(module.state_dict()) == {f"{name}.{p}" for name in (
         "sampling_offsets", "attention_weights", "value_proj", "output_proj")
         for p in ("weight", "bias")}
+
+
+def test_msdeformattn_takes_level_tables_on_the_cpu_for_inputs_elsewhere():
+    """ms_deform_attn takes the level tables on the CPU for inputs on another device; so does the
+    module: the pixel normaliser of 2-d reference points moves to the offsets' device (it divided
+    the offsets by a CPU tensor: a device-mismatch error). Meta stands in for a GPU here."""
+    module = _randomised_module(torch.float32, 2, 3).to("meta")
+    shapes, starts = torch.tensor([(6, 5), (3, 3)]), torch.tensor([0, 30])
+    query, feats = torch.randn(2, 7, 16, device="meta"), torch.randn(2, 39, 16, device="meta")
+    for ref_points in (torch.rand(2, 7, 2, 2, device="meta"),  # (x, y) points: normalised
+                       torch.rand(2, 7, 1, 4, device="meta")):  # boxes
+        out = module(query, ref_points, feats, shapes, starts)
+        assert out.is_meta and out.shape == (2, 7, 16)

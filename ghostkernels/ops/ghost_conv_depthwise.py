@@ -109,6 +109,10 @@ def _backward(ctx, grad_y):
     tensors = dict(zip(reference.TENSOR_ARGS, ctx.saved_tensors))
     needs = tuple(ctx.needs_input_grad) + (False,) * (len(_INPUT_NAMES) - len(
         ctx.needs_input_grad))
+    if grad_y.numel() == 0:  # B, H or W is 0: zero gradients (convolutions reject H or W = 0)
+        wanted = dict(zip(_INPUT_NAMES, needs))
+        return tuple(torch.zeros_like(tensors[name]) if wanted[name] and tensors.get(name)
+                     is not None else None for name in _INPUT_NAMES)
     grads = reference.backward(grad_y, tensors, ctx.geometry, dict(zip(_INPUT_NAMES, needs)))
     return tuple(grads.get(name) for name in _INPUT_NAMES)
 

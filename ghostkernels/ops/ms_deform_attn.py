@@ -94,6 +94,8 @@ def _ms_deform_attn_impl(value: torch.Tensor, spatial_shapes: torch.Tensor,
     Lq = sampling_locations.shape[1]
     if N * Lq * M * D == 0:
         return value.new_zeros(N, Lq, M * D)
+    if value.is_meta:  # shapes only (as the fake kernel): the level tables need not be readable
+        return value.new_empty(N, Lq, M * D)
     args = _kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                           attention_weights)
     kwargs = {"softmax": softmax}
@@ -126,6 +128,9 @@ def _ms_deform_attn_backward_impl(grad_output: torch.Tensor, value: torch.Tensor
     if grad_output.numel() == 0 or value.numel() == 0:
         return (torch.zeros_like(value), torch.zeros_like(sampling_locations),
                 torch.zeros_like(attention_weights))
+    if value.is_meta:
+        return (torch.empty_like(value), torch.empty_like(sampling_locations),
+                torch.empty_like(attention_weights))
     with backends.use_backend(backend) if backend else contextlib.nullcontext():
         impl = backends.resolve(OP, value.device, value.dtype)
     grad_output = grad_output.to(value.dtype).contiguous()
@@ -242,7 +247,7 @@ def _checked_inputs(value, spatial_shapes, level_start_index, sampling_locations
             if t.device.type != "cpu":
                 raise ValueError(f"{name} must be on value's device ({value.device}) or the CPU, "
                                  f"got {t.device}")
-    if not tracing():
+    if not (tracing() or spatial_shapes.is_meta or level_start_index.is_meta):
         _check_levels(spatial_shapes, level_start_index, S)
     if spatial_shapes.device != value.device:
         spatial_shapes = spatial_shapes.to(value.device, non_blocking=True)

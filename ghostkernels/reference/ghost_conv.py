@@ -245,6 +245,8 @@ def scale_backward(grad_scaled_x, x, input_scale, needs_x: bool, needs_scale: bo
     (``conv.scale_input``)."""
     if input_scale is None:
         return grad_scaled_x, None
+    if grad_scaled_x is None:  # neither x nor input_scale needs a gradient
+        return None, None
     acc = compute_dtype(x.dtype)
     g = grad_scaled_x.to(acc)
     g_x = (g * input_scale.to(acc)[:, :, None, None]).to(x.dtype) if needs_x else None
