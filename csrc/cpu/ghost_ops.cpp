@@ -10,7 +10,9 @@
 // [B][Cin] is folded into the GEMM's weights per image (W1 diag(s_b): the same products in a
 // different order), and the gate/residual are applied as each value is stored.
 //
-// depthwise_conv: y = act(dwconv_{kh x kw}(x, stride, padding (kh/2, kw/2)) + bias).
+// depthwise_conv: y = act(dwconv_{kh x kw}(x, stride, padding (kh/2, kw/2)) + bias); NCHW through
+// zero-padded copies of one channel's planes (depthwise_planes.h, shared with the backward in
+// depthwise_conv_backward.cpp), channels_last per output pixel with the channels innermost.
 //
 // The ghost 1x1 conv is one GEMM per strip (at::addmm_out into the buffer; half inputs are
 // converted to float32 first). Both ops support NCHW and channels_last (two loop orders, each
@@ -26,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/depthwise_planes.h"
 #include "ghost_ops.h"
 
 namespace ghostkernels {
@@ -316,24 +319,21 @@ void depthwise_conv_kernel(const at::Tensor& x, const at::Tensor& weight, const 
       }
     });
   } else {
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(static_cast<size_t>(Wo));
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t c = plane % C;
-        const scalar_t* in = xp + plane * H * W;
-        scalar_t* out = yp + plane * Ho * Wo;
-        const acc_t* wc = &wk[c * kh * kw];
-        for (int64_t oh = 0; oh < Ho; ++oh) {
-          std::fill(acc.begin(), acc.end(), bk[c]);
-          for (int64_t i = 0; i < kh; ++i) {
-            const int64_t ih = oh * stride - pad_h + i;
-            if (ih < 0 || ih >= H) continue;
-            for (int64_t j = 0; j < kw; ++j)
-              accumulate_tap(acc.data(), in + ih * W, wc[i * kw + j], Wo, W, stride, j - pad_w);
-          }
-          for (int64_t ow = 0; ow < Wo; ++ow)
-            out[oh * Wo + ow] = static_cast<scalar_t>(activate(acc[ow], relu));
-        }
+    // NCHW: one channel's planes of a group of images at a time (depthwise_planes.h).
+    namespace dp = depthwise_planes;
+    const int64_t group = dp::planes_per_group(H, W, kh, kw, B);
+    const int64_t groups = (B + group - 1) / group;
+    at::parallel_for(0, C * groups, 1, [&](int64_t begin, int64_t end) {
+      const dp::Geometry full(H, W, kh, kw, stride, group);
+      std::vector<acc_t> buf(static_cast<size_t>(full.buffer_size()));
+      std::vector<acc_t> acc(static_cast<size_t>(dp::forward_scratch(full)));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t c = task / groups, b0 = (task % groups) * group;
+        const dp::Geometry g(H, W, kh, kw, stride, std::min(group, B - b0));
+        const int64_t plane = b0 * C + c;
+        dp::fill_padded(g, xp + plane * H * W, C * H * W, buf.data());
+        dp::forward(g, buf.data(), &wk[c * kh * kw], bk[c], relu, acc.data(),
+                    yp + plane * Ho * Wo, C * Ho * Wo);
       }
     });
   }

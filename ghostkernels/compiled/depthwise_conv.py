@@ -7,6 +7,7 @@ channels_last; weight [C, kh*kw] contiguous, bias [C]; kh, kw in {1,3,5}; stride
 import torch
 
 from ghostkernels.backends import compiled_extension
+from ghostkernels.reference import depthwise_conv as reference
 
 
 def _ops():
@@ -17,3 +18,16 @@ def _ops():
 def forward(x, weight, bias, kh: int, kw: int, stride: int, relu: bool):
     return _ops().depthwise_conv_forward(x, weight, bias, int(kh), int(kw), int(stride),
                                          bool(relu))
+
+
+def backward(grad_y, y, x, weight, kh: int, kw: int, stride: int, relu: bool,
+             needs=(True, True, True)):
+    """(grad_x, grad_weight [C, kh*kw], grad_bias), None where ``needs`` is False: the C++ CPU
+    kernel for CPU tensors (float64 sums for float64, float32 otherwise), the reference formula
+    (cuDNN/ATen) for CUDA tensors, which have no backward kernel here."""
+    if x.device.type != "cpu":
+        return reference.backward(grad_y, y, x, weight, kh, kw, stride, relu, needs)
+    grads = _ops().depthwise_conv_backward(
+        grad_y.to(x.dtype), x, weight.contiguous(), y if relu else None, int(kh), int(kw),
+        int(stride), bool(needs[0]), bool(needs[1]), bool(needs[2]))
+    return tuple(g if need else None for g, need in zip(grads, needs))

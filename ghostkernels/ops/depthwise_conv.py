@@ -3,7 +3,8 @@
 Serves the re-parameterised bottleneck depthwise convs (3x3/5x5, stride 1 or 2) and the DFC gate's
 1x5 / 5x1 convs: ``y = act(dwconv(x, weight, stride, padding (kh//2, kw//2)) + bias)``.
 ``ghostkernels::depthwise_conv`` has a fake kernel and an autograd formula built from the saved
-output (``reference.depthwise_conv.backward``), so no backend needs a backward kernel.
+output (``reference.depthwise_conv.backward``), so no backend needs a backward kernel; a backend
+module with a ``backward`` of the same signature (the C++ CPU kernel) runs it in eager mode.
 
 Kernel contract, the same for every backend module's
 ``forward(x, weight, bias, kh: int, kw: int, stride: int, relu: bool) -> y``:
@@ -19,10 +20,12 @@ calling a backend.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ghostkernels import backends
-from ghostkernels.ops.eager import EagerOp
+from ghostkernels.ops.eager import EagerOp, eager_safe
 from ghostkernels.checks import FLOATING, require_dtype, require_ndim, require_same_device
 from ghostkernels.checks import require_same_dtype, require_tensor
 from ghostkernels.ops.ghost_conv import check_bias, in_memory_format, parse_act
@@ -74,12 +77,24 @@ def _setup_context(ctx, inputs, output):
     x, weight, _, kh, kw, stride, relu = inputs
     ctx.save_for_backward(x, weight, output)
     ctx.geometry = (kh, kw, stride, relu)
+    ctx.backend = backends.requested_backend() or ""  # the forward thread's choice
 
 
 def _backward(ctx, grad_y):
     x, weight, y = ctx.saved_tensors
-    grads = reference.backward(grad_y, y, x, weight, *ctx.geometry,
-                               needs=ctx.needs_input_grad[:3])
+    if grad_y.numel() == 0:  # B, H or W is 0: zero gradients (convolutions reject H or W = 0)
+        zeros = (torch.zeros_like(x), torch.zeros_like(weight), weight.new_zeros(weight.shape[0]))
+        return (*(z if need else None for z, need in zip(zeros, ctx.needs_input_grad)),
+                None, None, None, None)
+    # The chosen backend's backward kernel where it has one (the C++ CPU kernel), in plain eager
+    # execution only: under tracers (torch.compile, fake tensors) the reference formula's aten
+    # ops are what gets traced.
+    backward = reference.backward
+    if eager_safe((grad_y, x, weight, y)):
+        with backends.use_backend(ctx.backend) if ctx.backend else contextlib.nullcontext():
+            impl = backends.resolve(OP, x.device, x.dtype)
+        backward = getattr(impl, "backward", backward)
+    grads = backward(grad_y, y, x, weight, *ctx.geometry, needs=ctx.needs_input_grad[:3])
     return (*grads, None, None, None, None)
 
 

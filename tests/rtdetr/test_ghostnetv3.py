@@ -12,8 +12,8 @@ from torch import nn
 import ghostkernels
 from ghostkernels import use_backend
 from rtdetr.models.backbone.ghostnetv3 import IMAGENET_MEAN, IMAGENET_STD, GhostNetV3
-from rtdetr.models.backbone.ghostnetv3_blocks import (ConvBn, GhostBottleneckV3, SqueezeExcite,
-                                                      conv_relu)
+from rtdetr.models.backbone.ghostnetv3_blocks import (ConvBn, DepthwiseConv2d, GhostBottleneckV3,
+                                                      SqueezeExcite, conv_relu)
 from tests.rtdetr.detector_cases import randomize_bn
 from tests.backend_params import backend_params, rel_err, require
 
@@ -500,6 +500,56 @@ def test_depthwise_1x1_branch_rejects_a_wrong_input_as_the_conv_does():
         conv(torch.rand(2, 5, 4, 4))
     with pytest.raises(RuntimeError, match="Expected 3D .* or 4D .* input to conv2d"):
         conv(torch.rand(2, 1, 6, 4, 4))
+
+
+DEPTHWISE_CONVS = {  # (kernel, stride, padding): the training-time model's depthwise convs
+    "branch-3x3": ((3, 3), 1, (1, 1)), "stride-2-5x5": ((5, 5), 2, (2, 2)),
+    "dfc-1x5": ((1, 5), 1, (0, 2)), "dfc-5x1": ((5, 1), 1, (2, 0)),
+}
+
+
+@pytest.mark.parametrize("name", list(DEPTHWISE_CONVS))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_depthwise_branch_conv_is_the_conv_it_replaces(name, layout):
+    """DepthwiseConv2d (ghostkernels' kernels for NCHW CPU inputs, nn.Conv2d otherwise) gives the
+    outputs and the x / weight gradients of nn.Conv2d in float64, odd sizes and a map smaller
+    than the kernel included."""
+    kernel, stride, padding = DEPTHWISE_CONVS[name]
+    conv = DepthwiseConv2d(6, 6, kernel, stride, padding, groups=6, bias=False).double()
+    assert conv.kernel_fits
+    nn.init.normal_(conv.weight)
+    for size in ((7, 9), (2, 1)):
+        x = torch.randn(3, 6, size[0], 2 * size[1], dtype=torch.float64)
+        x = {"nchw": x[..., ::2].contiguous(), "sliced": x[..., ::2],
+             "channels_last": x[..., ::2].contiguous(memory_format=torch.channels_last)}[layout]
+        x.requires_grad_()
+        y = conv(x)
+        expected = torch.nn.functional.conv2d(x, conv.weight, None, stride, padding, 1, 6)
+        assert y.shape == expected.shape
+        assert torch.allclose(y, expected, rtol=1e-12, atol=1e-12)
+        grad_out = torch.randn_like(expected)
+        grads = torch.autograd.grad(y, (x, conv.weight), grad_out)
+        expected_grads = torch.autograd.grad(expected, (x, conv.weight), grad_out)
+        for got, want in zip(grads, expected_grads):
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_training_time_depthwise_convs_run_ghostkernels_on_the_cpu(monkeypatch):
+    """Every depthwise conv of the training-time model (branches, stride-2 convs, DFC, shortcut)
+    is a DepthwiseConv2d that calls ghostkernels.depthwise_conv for NCHW CPU inputs; the folded
+    model's convs are plain nn.Conv2d again."""
+    net = GhostNetV3(0.5).train()
+    depthwise = [m for m in net.modules() if isinstance(m, nn.Conv2d)
+                 and m.groups == m.in_channels == m.out_channels and m.kernel_size != (1, 1)]
+    assert depthwise and all(type(m) is DepthwiseConv2d and m.kernel_fits for m in depthwise)
+    calls = []
+    real = ghostkernels.depthwise_conv
+    monkeypatch.setattr(ghostkernels, "depthwise_conv",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    net(torch.rand(2, 3, 64, 64))
+    assert len(calls) == len(depthwise)
+    net.reparameterize()
+    assert not any(type(m) is DepthwiseConv2d for m in net.modules())
 
 
 def test_training_forward_and_backward():

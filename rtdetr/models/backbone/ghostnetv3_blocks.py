@@ -93,6 +93,33 @@ class ChannelScaleConv(nn.Conv2d):
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise conv (one filter per channel; kernel sides 1, 3 or 5; padding half the
+    kernel; stride 1 or 2) whose forward and backward in training mode on NCHW float32/float64
+    CPU tensors run ``ghostkernels.depthwise_conv`` (its C++ kernels, the reference where the
+    extension is missing): oneDNN spends more on its per-call reorders of small maps than on the
+    arithmetic, above all in the backward, and the training-time branches of GhostNetV3 are
+    mostly such convs (BENCHMARKS.md: the demo's training step). Parameters and state_dict are
+    nn.Conv2d's; eval mode (which then reproduces nn.Conv2d, and timm, bitwise), other devices,
+    layouts and dtypes run nn.Conv2d."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        kh, kw = self.kernel_size
+        self.kernel_fits = (self.groups == self.in_channels == self.out_channels
+                            and kh in (1, 3, 5) and kw in (1, 3, 5)
+                            and self.padding == (kh // 2, kw // 2) and self.dilation == (1, 1)
+                            and self.stride[0] == self.stride[1] and self.stride[0] in (1, 2)
+                            and self.padding_mode == "zeros")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not self.training or not self.kernel_fits or x.device.type != "cpu" or x.dim() != 4
+                or x.shape[1] != self.in_channels or x.dtype not in (torch.float32, torch.float64)
+                or x.dtype != self.weight.dtype or not x.is_contiguous()):
+            return super().forward(x)  # (and nn.Conv2d's errors for a wrong input)
+        return ghostkernels.depthwise_conv(x, self.weight, self.bias, self.stride[0])
+
+
 class ConvBn(nn.Sequential):
     """Conv2d (no bias) followed by BatchNorm2d: one re-parameterisation branch."""
 
@@ -100,8 +127,9 @@ class ConvBn(nn.Sequential):
         kernel = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
         padding = tuple(k // 2 for k in kernel)
         super().__init__()
-        conv_type = (ChannelScaleConv if kernel == (1, 1) and groups == in_ch == out_ch
-                     else nn.Conv2d)
+        depthwise = groups == in_ch == out_ch
+        conv_type = (nn.Conv2d if not depthwise
+                     else ChannelScaleConv if kernel == (1, 1) else DepthwiseConv2d)
         self.conv = conv_type(in_ch, out_ch, kernel, stride, padding, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_ch)
 
@@ -185,9 +213,11 @@ class GhostModuleV3(nn.Module):
         if dfc:
             self.short_conv = nn.Sequential(
                 nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch),
-                nn.Conv2d(out_ch, out_ch, (1, 5), padding=(0, 2), groups=out_ch, bias=False),
+                DepthwiseConv2d(out_ch, out_ch, (1, 5), padding=(0, 2), groups=out_ch,
+                                bias=False),
                 nn.BatchNorm2d(out_ch),
-                nn.Conv2d(out_ch, out_ch, (5, 1), padding=(2, 0), groups=out_ch, bias=False),
+                DepthwiseConv2d(out_ch, out_ch, (5, 1), padding=(2, 0), groups=out_ch,
+                                bias=False),
                 nn.BatchNorm2d(out_ch))
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
@@ -309,8 +339,8 @@ class GhostBottleneckV3(nn.Module):
             self.shortcut = nn.Identity()
         else:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_ch, in_ch, kernel_size, stride, (kernel_size - 1) // 2,
-                          groups=in_ch, bias=False),
+                DepthwiseConv2d(in_ch, in_ch, kernel_size, stride, (kernel_size - 1) // 2,
+                                groups=in_ch, bias=False),
                 nn.BatchNorm2d(in_ch),
                 nn.Conv2d(in_ch, out_ch, 1, bias=False),
                 nn.BatchNorm2d(out_ch))
