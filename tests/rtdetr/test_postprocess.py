@@ -68,6 +68,28 @@ def test_labels_remapped_to_category_ids(mapping):
         torch.testing.assert_close(a["boxes"], b["boxes"])
 
 
+def onnx_session(post, outputs, sizes):
+    """onnxruntime session of ``post`` (a deployed postprocessor) exported with a dynamic batch."""
+
+    class Export(torch.nn.Module):
+        def forward(self, logits, pred_boxes, orig_target_sizes):
+            return post({"pred_logits": logits, "pred_boxes": pred_boxes}, orig_target_sizes)
+
+    buffer = io.BytesIO()
+    torch.onnx.export(Export(), (outputs["pred_logits"], outputs["pred_boxes"], sizes), buffer,
+                      input_names=["logits", "pred_boxes", "orig_target_sizes"],
+                      output_names=["labels", "boxes", "scores"], opset_version=17, dynamo=False,
+                      dynamic_axes={n: {0: "batch"} for n in
+                                    ("logits", "pred_boxes", "orig_target_sizes")})
+    return onnxruntime.InferenceSession(buffer.getvalue())
+
+
+def run_onnx(session, outputs, sizes):
+    return session.run(None, {"logits": outputs["pred_logits"].numpy(),
+                              "pred_boxes": outputs["pred_boxes"].numpy(),
+                              "orig_target_sizes": sizes.numpy()})
+
+
 def test_deploy_returns_tensors_and_exports_to_onnx():
     post = RTDETRPostProcessor(num_classes=3, num_top_queries=5)
     outputs, sizes = random_outputs(), torch.tensor([[640, 480], [320, 200]])
@@ -78,21 +100,9 @@ def test_deploy_returns_tensors_and_exports_to_onnx():
         assert torch.equal(labels[image], result["labels"])
         assert torch.equal(boxes[image], result["boxes"])
 
-    class Export(torch.nn.Module):
-        def forward(self, logits, pred_boxes, orig_target_sizes):
-            return post({"pred_logits": logits, "pred_boxes": pred_boxes}, orig_target_sizes)
-
-    buffer = io.BytesIO()
-    torch.onnx.export(Export(), (outputs["pred_logits"], outputs["pred_boxes"], sizes), buffer,
-                      input_names=["logits", "pred_boxes", "orig_target_sizes"],
-                      output_names=["labels", "boxes", "scores"], opset_version=17,
-                      dynamo=False, dynamic_axes={n: {0: "batch"} for n in
-                                                  ("logits", "pred_boxes", "orig_target_sizes")})
-    session = onnxruntime.InferenceSession(buffer.getvalue())
+    session = onnx_session(post, outputs, sizes)
     other, other_sizes = random_outputs(batch=3), torch.tensor([[64, 48], [32, 32], [10, 20]])
-    got = session.run(None, {"logits": other["pred_logits"].numpy(),
-                             "pred_boxes": other["pred_boxes"].numpy(),
-                             "orig_target_sizes": other_sizes.numpy()})
+    got = run_onnx(session, other, other_sizes)
     want = post(other, other_sizes)
     assert torch.equal(torch.from_numpy(got[0]), want[0])
     for g, w in zip(got[1:], want[1:]):
@@ -105,21 +115,9 @@ def test_export_with_fewer_scores_than_num_top_queries_keeps_all():
     post = RTDETRPostProcessor(num_classes=3, num_top_queries=300).deploy()
     outputs, sizes = random_outputs(batch=2, queries=4), torch.tensor([[64, 48], [32, 32]])
 
-    class Export(torch.nn.Module):
-        def forward(self, logits, pred_boxes, orig_target_sizes):
-            return post({"pred_logits": logits, "pred_boxes": pred_boxes}, orig_target_sizes)
-
-    buffer = io.BytesIO()
-    torch.onnx.export(Export(), (outputs["pred_logits"], outputs["pred_boxes"], sizes), buffer,
-                      input_names=["logits", "pred_boxes", "orig_target_sizes"],
-                      output_names=["labels", "boxes", "scores"], opset_version=17, dynamo=False,
-                      dynamic_axes={n: {0: "batch"} for n in
-                                    ("logits", "pred_boxes", "orig_target_sizes")})
-    session = onnxruntime.InferenceSession(buffer.getvalue())
+    session = onnx_session(post, outputs, sizes)
     other, other_sizes = random_outputs(batch=3, queries=4), torch.tensor([[64, 48]] * 3)
-    got = session.run(None, {"logits": other["pred_logits"].numpy(),
-                             "pred_boxes": other["pred_boxes"].numpy(),
-                             "orig_target_sizes": other_sizes.numpy()})
+    got = run_onnx(session, other, other_sizes)
     want = post(other, other_sizes)
     assert got[0].shape == (3, 12) and torch.equal(torch.from_numpy(got[0]), want[0])
     for g, w in zip(got[1:], want[1:]):
