@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="draw detections on images, write predictions.json")
     _add_common(p)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    p.add_argument("--images", nargs="+", required=True,
+                   help="image files or folders (in a folder: png, jpg, bmp, webp, tif, gif "
+                        "files; not predict's own *.pred.png drawings)")
     p.add_argument("--output-dir", default="outputs/predict")
     p.add_argument("--score-threshold", type=float, default=0.5)
     for name, target in (("export", "rtdetr.export.main"), ("bench", "rtdetr.benchmark.main")):
@@ -74,13 +76,8 @@ def _load(args):
 
 def _config_from_checkpoint(args, state: dict):
     """--config when given, else the config stored in the checkpoint; then the overrides."""
-    from rtdetr.config import Config, apply_override, from_dict, load_config, parse_override
-    if args.config is not None or "config" not in state:
-        return load_config(args.config, args.overrides)
-    cfg = from_dict(Config, state["config"])
-    for text in args.overrides:
-        apply_override(cfg, *parse_override(text))
-    return cfg
+    from rtdetr.config import config_for_checkpoint
+    return config_for_checkpoint(args.config, args.overrides, state)
 
 
 def load_trained_model(checkpoint: str, cfg, device):
@@ -97,12 +94,20 @@ def load_trained_model(checkpoint: str, cfg, device):
     return model, postprocessor, state
 
 
+# What predict reads from a folder (any case); files named on the command line are read whatever
+# their name. Its own drawings (<name>.pred.png) are skipped, so a rerun into the same folder does
+# not detect on them.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+PREDICTION_SUFFIX = ".pred.png"
+
+
 def _image_files(paths) -> list[str]:
-    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
     files = []
     for p in paths:
         if os.path.isdir(p):
-            files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(exts))
+            files += sorted(os.path.join(p, f) for f in os.listdir(p)
+                            if f.lower().endswith(IMAGE_EXTENSIONS)
+                            and not f.lower().endswith(PREDICTION_SUFFIX))
         elif os.path.isfile(p):
             files.append(p)
         else:
@@ -121,7 +126,7 @@ def _annotated_path(output_dir: str, path: str, taken: set) -> str:
         n += 1
         name = f"{stem}-{n}"
     taken.add(name)
-    return os.path.join(output_dir, name + ".pred.png")
+    return os.path.join(output_dir, name + PREDICTION_SUFFIX)
 
 
 @torch.no_grad()

@@ -3,8 +3,11 @@ overrides with dotted keys (``train.lr=2e-4 data.image_size=320``).
 
 Values are type-checked against the dataclass annotations (ints accepted for floats, YAML lists for
 lists and tuples, ``null`` for optional fields); an unknown key is an error that names the key, the
-section and the valid keys. ``--config NAME`` resolves to ``rtdetr/configs/NAME.yaml`` when NAME is
-not a file.
+section and the valid keys. Once loaded (overrides applied), values that would only fail later are
+checked (:func:`check_config`): counts below their minimum (``train.val_batch_size=0`` would
+otherwise fail only when evaluation starts, after all the training) and an unknown
+``train.device``. ``--config NAME`` resolves to ``rtdetr/configs/NAME.yaml`` when NAME is not a
+file.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+import torch
 import yaml
 
 from rtdetr.config_schema import ConfigError, _unknown_key, convert, from_dict, to_dict
@@ -83,6 +87,36 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ------------------------------------------------------------------------------------ checks
+
+# The smallest value each count accepts.
+MIN_VALUES = {"train.epochs": 1, "train.batch_size": 1, "train.val_batch_size": 1,
+              "train.num_workers": 0}
+DEVICES = "'auto', 'cpu', 'cuda' or 'cuda:N' (N: a GPU index)"
+
+
+def check_device_name(name: str, key: str = "train.device") -> None:
+    """ConfigError naming ``key`` unless ``name`` is 'auto' or a torch device string."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{key} must be {DEVICES}, got {name!r}") from None
+
+
+def check_config(cfg: Config) -> Config:
+    """Reject values that fit their type but not their use (ConfigError naming the key, the
+    accepted range and the value), so that they fail when the run starts, not hours into it."""
+    for key, low in MIN_VALUES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value!r}")
+    check_device_name(cfg.train.device)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -154,6 +188,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> C
         cfg = from_dict(Config, data)
         for text in overrides:
             apply_override(cfg, *parse_override(text))
+        check_config(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
     return cfg
@@ -162,3 +197,16 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> C
 def dump_config(cfg: Config, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def config_for_checkpoint(path: str | None, overrides: list[str] | tuple, state: dict | None,
+                          default: str | None = None) -> Config:
+    """The config of a command that loads a checkpoint: ``path`` (``--config``) when given, else
+    the config the checkpoint's ``state`` was trained with, else ``default`` (None: the
+    defaults); then the overrides, checked as :func:`load_config` checks them."""
+    if path is None and state is not None and "config" in state:
+        cfg = from_dict(Config, state["config"])
+        for text in overrides:
+            apply_override(cfg, *parse_override(text))
+        return check_config(cfg)
+    return load_config(path if path is not None else default, overrides)

@@ -144,18 +144,13 @@ def _load_model(args):
     """The model of ``--config`` (else the config the checkpoint was trained with, as ``rtdetr
     eval`` and ``predict`` do; else rtdetr_r18vd) plus the overrides, with the checkpoint's
     weights (EMA when present)."""
-    from rtdetr.config import Config, apply_override, from_dict, load_config, parse_override
+    from rtdetr.config import config_for_checkpoint
     from rtdetr.models.config import build_model
     state = None
     if args.checkpoint:
         from rtdetr.engine.checkpoint import load_checkpoint
         state = load_checkpoint(args.checkpoint)
-    if args.config is None and state is not None and "config" in state:
-        cfg = from_dict(Config, state["config"])
-        for text in args.overrides:
-            apply_override(cfg, *parse_override(text))
-    else:
-        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    cfg = config_for_checkpoint(args.config, args.overrides, state, default=DEFAULT_CONFIG)
     model, _, postprocessor = build_model(cfg.model)
     if state is not None:
         model.load_state_dict(state["ema"]["module"] if state.get("ema") else state["model"])

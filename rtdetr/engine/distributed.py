@@ -28,10 +28,17 @@ class DistInfo:
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``train.device``: 'auto' (GPU ``local_rank`` when CUDA is available, else the CPU), 'cpu',
+    'cuda' (GPU ``local_rank``), 'cuda:N' or another torch device string; ValueError naming
+    ``train.device`` for anything else."""
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else \
             torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N: a GPU "
+                         f"index), got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but no CUDA device is visible")
     if device.type == "cuda" and device.index is None:

@@ -2,7 +2,8 @@
 
 Predictions come from the postprocessor (labels 0..K-1, xyxy pixels of the original image) and are
 mapped back to the dataset's category ids. With several processes the per-image detections are
-gathered on every rank (duplicates from a padded sampler are dropped by image id).
+gathered on every rank (duplicates from a padded sampler are dropped by image id). Non-finite
+predicted boxes or scores (a model whose weights diverged) are an error, not a meaningless AP.
 """
 from __future__ import annotations
 
@@ -55,19 +56,34 @@ def predict_dataset(model, postprocessor, loader, device, label2category: dict,
                     amp: bool = False, progress: bool = False) -> list[dict]:
     model.eval()
     per_image: dict[int, list] = {}
+    bad = {"boxes": 0, "scores": 0, "images": 0}  # non-finite predictions
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
         images = images.to(device)
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             outputs = model(images)
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         results = postprocessor(outputs, sizes)
+        for r in results:
+            boxes = int((~torch.isfinite(r["boxes"])).any(-1).sum())
+            scores = int((~torch.isfinite(r["scores"])).sum())
+            bad["boxes"], bad["scores"] = bad["boxes"] + boxes, bad["scores"] + scores
+            bad["images"] += bool(boxes or scores)
         ids = [t["image_id"] for t in targets]
         for image_id, det in zip(ids, [to_coco_detections([r], [i], label2category)
                                        for r, i in zip(results, ids)]):
             per_image[int(image_id)] = det
     merged: dict[int, list] = {}
-    for part in all_gather_objects(per_image):
+    total = dict.fromkeys(bad, 0)
+    for part, part_bad in all_gather_objects((per_image, bad)):  # every rank raises, or none
         merged.update(part)
+        for key in total:
+            total[key] += part_bad[key]
+    if total["images"]:
+        raise FloatingPointError(
+            f"the model predicted {total['boxes']} non-finite boxes and {total['scores']} "
+            f"non-finite scores (NaN/inf) on {total['images']} of {len(merged)} images: its "
+            f"weights are not finite, most likely because training diverged (lower train.lr); "
+            f"an AP of these predictions would mean nothing")
     return [d for image_id in sorted(merged) for d in merged[image_id]]
 
 

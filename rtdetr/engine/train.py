@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from rtdetr.config import check_config
 from rtdetr.data import (BatchCollator, CocoDetection, DatasetError, DetectionTransforms,
                          generate_shapes_dataset)
 from rtdetr.engine.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state,
@@ -88,7 +89,7 @@ def _fp32(outputs):
 class Trainer:
     def __init__(self, cfg, model, criterion, postprocessor, train_set, val_set=None,
                  output_dir: str | None = None):
-        self.cfg, t = cfg, cfg.train
+        self.cfg, t = check_config(cfg), cfg.train  # before any work, as load_config does
         self.info = init_distributed(t.device)
         self.device = self.info.device
         self.output_dir = output_dir or t.output_dir

@@ -107,3 +107,36 @@ def test_bench_tuned_mode_tunes_then_clears(tmp_path):
     assert row["note"].startswith("tuned: ") and "ghost_conv=" in row["note"]
     assert "ms_deform_attn=" in row["note"]
     assert not backends._TUNED
+
+
+def test_bad_train_values_fail_before_any_work(tmp_path):
+    """train.val_batch_size=0 (or an unknown train.device) fails at once, not after the whole
+    training when evaluation starts; eval/predict check the checkpoint's config + overrides."""
+    import argparse
+    import dataclasses
+    from rtdetr.config import ConfigError, load_config
+    out = tmp_path / "run"
+    for bad, message in (("train.val_batch_size=0", r"train\.val_batch_size must be >= 1, got 0"),
+                         ("train.device=tpu", r"train\.device must be 'auto', 'cpu', 'cuda' or "
+                                              r"'cuda:N'.*got 'tpu'")):
+        with pytest.raises(ConfigError, match=message):
+            cli.main(["train", "--config", "demo", "--output-dir", str(out),
+                      f"data.root={tmp_path / 'shapes'}"] + TINY + [bad])
+        state = {"config": dataclasses.asdict(load_config("demo"))}
+        with pytest.raises(ConfigError, match=message):
+            cli._config_from_checkpoint(argparse.Namespace(config=None, overrides=[bad]), state)
+    assert not out.exists() and not (tmp_path / "shapes").exists()
+
+
+def test_predict_folder_reads_the_usual_image_types_but_not_its_own_drawings(tmp_path):
+    """A folder gives predict its .tif/.tiff/.gif/.webp/.bmp files as well (any case), but not
+    the <name>.pred.png drawings an earlier predict wrote there; files named are always used."""
+    from PIL import Image
+    names = ["a.png", "b.TIF", "c.tiff", "d.webp", "e.BMP", "f.JPG", "g.jpeg", "h.gif",
+             "a.pred.png", "x.PRED.PNG", "notes.txt"]
+    for name in names:
+        Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG" if name.endswith(
+            ("txt", "PNG")) else None)
+    found = [os.path.basename(f) for f in cli._image_files([str(tmp_path)])]
+    assert found == ["a.png", "b.TIF", "c.tiff", "d.webp", "e.BMP", "f.JPG", "g.jpeg", "h.gif"]
+    assert cli._image_files([str(tmp_path / "a.pred.png")]) == [str(tmp_path / "a.pred.png")]

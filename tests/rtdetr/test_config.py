@@ -56,3 +56,32 @@ def test_unknown_key_in_file_names_file(tmp_path):
         load_config(str(path))
     with pytest.raises(FileNotFoundError, match="neither a file nor a built-in config"):
         load_config("no_such_config")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.val_batch_size=0", r"train\.val_batch_size must be >= 1, got 0"),
+    ("train.batch_size=-2", r"train\.batch_size must be >= 1, got -2"),
+    ("train.epochs=0", r"train\.epochs must be >= 1, got 0"),
+    ("train.num_workers=-1", r"train\.num_workers must be >= 0, got -1"),
+    ("train.device=tpu", r"train\.device must be 'auto', 'cpu', 'cuda' or 'cuda:N'.*got 'tpu'"),
+    ("train.device=cuda:x", r"train\.device must be .*got 'cuda:x'"),
+])
+def test_values_out_of_range_are_rejected_when_loading(tmp_path, override, message):
+    """Values that fit their type but would fail only later (val_batch_size=0: when evaluation
+    starts, after all the training; an unknown device: in torch's own words) fail at load time,
+    naming the key, what is accepted and the value; from a file as from an override."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    key, value = override.split("=")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  {key.split('.')[1]}: {value}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: " + message):
+        load_config(str(path))
+
+
+def test_values_at_the_edge_of_their_range_are_accepted():
+    cfg = load_config(None, ["train.val_batch_size=1", "train.batch_size=1", "train.epochs=1",
+                             "train.num_workers=0", "train.device=cpu"])
+    assert cfg.train.val_batch_size == cfg.train.batch_size == cfg.train.epochs == 1
+    for device in ("auto", "cuda", "cuda:1", "cpu"):  # syntax only: no GPU needed to load
+        assert load_config(None, [f"train.device={device}"]).train.device == device

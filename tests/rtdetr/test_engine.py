@@ -291,3 +291,32 @@ def test_amp_training_steps_on_the_gpu_with_the_real_detector(tmp_path):
     after = trainer.model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+
+
+def test_a_diverged_model_is_an_error_in_evaluation_not_a_meaningless_ap(tmp_path):
+    """One step at lr=inf leaves every weight non-finite; the loss check (before the update)
+    cannot see it when that step is the last, so evaluation must: FloatingPointError naming the
+    non-finite predictions and the likely cause, instead of an AP computed from NaN boxes."""
+    trainer = real_detector_trainer(tmp_path, "diverged", with_val=True, device="cpu",
+                                    lr="inf", backbone_lr="inf", warmup_steps=0, epochs=1,
+                                    max_steps=1)
+    with pytest.raises(FloatingPointError, match=r"predicted \d+ non-finite boxes and \d+ "
+                                                 r"non-finite scores .* on 2 of 2 images.*"
+                                                 r"training diverged \(lower train\.lr\)"):
+        trainer.fit()
+    healthy = real_detector_trainer(tmp_path, "healthy", with_val=True, device="cpu", epochs=1,
+                                    max_steps=1)
+    assert set(healthy.fit()["metrics"]) >= {"AP", "AP50"}  # normal evaluation unaffected
+
+
+def test_bad_train_values_are_rejected_before_the_trainer_does_any_work():
+    from rtdetr.config import ConfigError
+    from rtdetr.engine.distributed import resolve_device
+    cfg = load_config(None, ["train.device=cpu"])
+    cfg.train.val_batch_size = 0  # set after loading: the Trainer checks again
+    with pytest.raises(ConfigError, match=r"train\.val_batch_size must be >= 1, got 0"):
+        Trainer(cfg, None, None, None, None)
+    with pytest.raises(ValueError, match=r"train\.device must be 'auto', 'cpu', 'cuda' or "
+                                         r"'cuda:N'.*got 'tpu'"):
+        resolve_device("tpu")
+    assert resolve_device("cpu") == torch.device("cpu")
