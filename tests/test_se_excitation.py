@@ -63,6 +63,24 @@ def plain_excitation(pooled, w_reduce, b_reduce, w_expand, b_expand):
     return F.hardsigmoid(F.conv2d(s, w_expand.reshape(C, R, 1, 1), b_expand)).flatten(1)
 
 
+def gradient_magnitudes(pooled, w_reduce, b_reduce, w_expand, b_expand, grad_out):
+    """Per input, the gradient's chain rule with every product taken in absolute value (float64):
+    the scale of the signed terms each gradient sums. A float32 gradient is right to about its
+    precision times this scale; relative to the gradient itself it can be far off where the terms
+    cancel (a single hidden unit: b_reduce's gradient is one sum of B*C signed terms)."""
+    p, wr, br, we, be = (t.detach().double().cpu() for t in (pooled, w_reduce, b_reduce,
+                                                             w_expand, b_expand))
+    R, C = wr.shape[0], p.shape[1]
+    wr, we = wr.reshape(R, C), we.reshape(C, R)
+    h = p @ wr.T + br
+    a = h.clamp_min(0)
+    z = a @ we.T + be
+    g_z = grad_out.abs() * ((z > -3) & (z < 3)) / 6
+    g_h = (g_z @ we.abs()) * (h > 0)
+    return (g_h @ wr.abs(), (g_h.T @ p.abs()).reshape(R, C, 1, 1), g_h.sum(0),
+            (g_z.T @ a).reshape(C, R, 1, 1), g_z.sum(0))
+
+
 def run(backend, *args):
     with use_backend(backend):
         return ghostkernels.se_excitation(*args)
@@ -127,12 +145,14 @@ def test_gradients_match_definition(backend, dtype, name, _fresh_seed):
     ref_inputs = [t.detach().double().cpu().requires_grad_() for t in args]
     ref_grads = torch.autograd.grad(plain_excitation(*ref_inputs), ref_inputs, grad_out)
     names = ("pooled", "w_reduce", "b_reduce", "w_expand", "b_expand")
-    for name_, g, r, t in zip(names, grads, ref_grads, inputs):
+    scales = gradient_magnitudes(*args, grad_out)
+    for name_, g, r, t, scale in zip(names, grads, ref_grads, inputs, scales):
         assert g.dtype == t.dtype and g.shape == t.shape, name_
         if r.norm() == 0:  # every hidden unit or output clamped (tiny cases): exact zeros
             assert torch.equal(g.double().cpu(), r), (name_, cfg)
-        else:
-            assert rel_err(g, r) < TOLERANCE[dtype][1], (name_, cfg)
+        else:  # relative to the summed terms' scale, >= the gradient's own norm
+            assert rel_err(g, r) * float(r.norm() / scale.norm()) < TOLERANCE[dtype][1], \
+                (name_, cfg, rel_err(g, r))
 
 
 def test_gradient_of_only_some_inputs():
