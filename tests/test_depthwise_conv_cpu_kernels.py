@@ -73,13 +73,19 @@ def check_case(B, C, H, W, kh, kw, stride, relu, channels_last, dtype, tol, seed
                                              kh, kw, stride, True, True, True)
     assert gx.is_contiguous(memory_format=torch.channels_last if channels_last and C > 1
                             and H * W > 1 else torch.contiguous_format)
-    for name, got, want in (("x", gx, grads_ref[0]), ("weight", gw.view(C, 1, kh, kw),
-                                                      grads_ref[1]), ("bias", gb, grads_ref[2])):
+    # Each gradient sums signed terms; its rounding error scales with the terms' magnitudes:
+    # the same chain rule in absolute values (the ReLU mask kept), >= the gradient's own norm.
+    mask = (y_ref > 0) if relu else torch.ones_like(y_ref, dtype=torch.bool)
+    _, scales = definition(x.abs(), weight.abs(), bias.abs(), stride, False,
+                           (grad_y * mask).abs())
+    for name, got, want, scale in zip(("x", "weight", "bias"),
+                                      (gx, gw.view(C, 1, kh, kw), gb), grads_ref, scales):
         assert got.dtype == dtype, name
-        assert rel_err(got, want) < tol, f"grad {name}: {rel_err(got, want):.2e}"
+        err = float((got.double() - want).norm() / scale.norm().clamp_min(1e-30))
+        assert err < tol, f"grad {name}: {err:.2e} of its terms' scale"
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)],
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)],
                          ids=["float64", "float32"])
 def test_random_geometries_match_the_definition(dtype, tol, _fresh_seed):
     rng = random.Random(_fresh_seed)
