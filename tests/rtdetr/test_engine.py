@@ -137,6 +137,26 @@ def test_ema_formula_including_buffers():
         torch.testing.assert_close(v, expect)
 
 
+def test_ema_update_equals_the_per_tensor_formula_bitwise():
+    """The multi-tensor update computes exactly ema * d + value * (1 - d) per tensor (mul_ then
+    add_ with alpha, as one tensor at a time would), for float32 and float64 entries alike."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(5, 2).double())
+    ema = ModelEMA(model, decay=0.99, warmups=3)
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model[1].running_var.mul_(1.5)
+        before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+        ema.update(model)
+        d = ema.current_decay()
+        for k, v in ema.module.state_dict().items():
+            src = model.state_dict()[k]
+            expect = before[k].mul(d).add_(src, alpha=1 - d) if v.dtype.is_floating_point \
+                else src
+            assert torch.equal(v, expect), (step, k)
+
+
 def test_param_groups_and_warmup():
     model = StandInDetector()
     groups = {g["name"]: g for g in param_groups(model, 1e-4, 1e-4, backbone_lr=1e-5)}
