@@ -60,6 +60,8 @@ def check_case(B, C, H, W, kh, kw, stride, relu, channels_last, dtype, tol, seed
     bias = torch.randn(C, generator=gen, dtype=torch.float64)
     Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
     grad_y = torch.randn(B, C, Ho, Wo, generator=gen, dtype=torch.float64)
+    # the definition sees what the kernel gets: the inputs rounded to the dtype
+    x, weight, bias, grad_y = (t.to(dtype).double() for t in (x, weight, bias, grad_y))
     y_ref, grads_ref = definition(x, weight, bias, stride, relu, grad_y)
     xk = x.to(dtype)
     if channels_last:
