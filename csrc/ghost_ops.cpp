@@ -73,16 +73,21 @@ at::MemoryFormat check_ghost_conv_inputs(const at::Tensor& x, const at::Tensor& 
 }
 
 at::MemoryFormat check_depthwise_conv_inputs(const at::Tensor& x, const at::Tensor& weight,
-                                             const at::Tensor& bias, int64_t kh, int64_t kw,
-                                             int64_t stride) {
+                                             int64_t kh, int64_t kw, int64_t stride) {
   TORCH_CHECK(x.dim() == 4, "x must be 4-d [B,C,H,W], got shape ", x.sizes());
   TORCH_CHECK((kh == 1 || kh == 3 || kh == 5) && (kw == 1 || kw == 3 || kw == 5),
               "kh and kw must each be 1, 3 or 5, got kh=", kh, ", kw=", kw);
   TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
-  const int64_t c = x.size(1);
-  check_vector_param("weight", weight, x, {c, kh * kw});
-  check_vector_param("bias", bias, x, {c});
+  check_vector_param("weight", weight, x, {x.size(1), kh * kw});
   return activation_memory_format(x);
+}
+
+at::MemoryFormat check_depthwise_conv_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                             const at::Tensor& bias, int64_t kh, int64_t kw,
+                                             int64_t stride) {
+  const at::MemoryFormat fmt = check_depthwise_conv_inputs(x, weight, kh, kw, stride);
+  check_vector_param("bias", bias, x, {x.size(1)});
+  return fmt;
 }
 
 }  // namespace ghostkernels

@@ -36,6 +36,9 @@ at::MemoryFormat check_ghost_conv_inputs(const at::Tensor& x, const at::Tensor& 
 at::MemoryFormat check_depthwise_conv_inputs(const at::Tensor& x, const at::Tensor& weight,
                                              const at::Tensor& bias, int64_t kh, int64_t kw,
                                              int64_t stride);
+// The same without a bias (the backward).
+at::MemoryFormat check_depthwise_conv_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                             int64_t kh, int64_t kw, int64_t stride);
 
 // Output length of a conv with kernel k, padding k/2 and the given stride.
 inline int64_t depthwise_output_size(int64_t in, int64_t k, int64_t stride) {

@@ -70,9 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& y, int64_t kh, int64_t kw, int64_t stride,
     bool needs_input, bool needs_weight, bool needs_bias) {
-  TORCH_CHECK(x.dim() == 4, "x must be 4-d [B,C,H,W], got shape ", x.sizes());
-  const at::Tensor bias_like = at::empty({x.size(1)}, weight.options());
-  const at::MemoryFormat fmt = check_depthwise_conv_inputs(x, weight, bias_like, kh, kw, stride);
+  const at::MemoryFormat fmt = check_depthwise_conv_inputs(x, weight, kh, kw, stride);
   TORCH_CHECK(x.device().is_cpu(), "depthwise_conv_backward (CPU kernel): x must be a CPU tensor");
   const depthwise_planes::Geometry g(x.size(2), x.size(3), kh, kw, stride, 1);
   const std::vector<int64_t> out_shape{x.size(0), x.size(1), g.Ho, g.Wo};

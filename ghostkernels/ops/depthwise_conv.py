@@ -25,7 +25,7 @@ import contextlib
 import torch
 
 from ghostkernels import backends
-from ghostkernels.ops.eager import EagerOp, eager_safe
+from ghostkernels.ops.eager import EagerOp, eager_safe, zero_grads
 from ghostkernels.checks import FLOATING, require_dtype, require_ndim, require_same_device
 from ghostkernels.checks import require_same_dtype, require_tensor
 from ghostkernels.ops.ghost_conv import check_bias, in_memory_format, parse_act
@@ -82,10 +82,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, weight, y = ctx.saved_tensors
-    if grad_y.numel() == 0:  # B, H or W is 0: zero gradients (convolutions reject H or W = 0)
-        zeros = (torch.zeros_like(x), torch.zeros_like(weight), weight.new_zeros(weight.shape[0]))
-        return (*(z if need else None for z, need in zip(zeros, ctx.needs_input_grad)),
-                None, None, None, None)
+    if grad_y.numel() == 0:  # B, H or W is 0
+        return (*zero_grads((x, weight, weight[:, 0]), ctx.needs_input_grad), None, None, None,
+                None)
     # The chosen backend's backward kernel where it has one (the C++ CPU kernel), in plain eager
     # execution only: under tracers (torch.compile, fake tensors) the reference formula's aten
     # ops are what gets traced.

@@ -29,6 +29,14 @@ def eager_safe(args) -> bool:
     return all(type(a) in _PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
 
 
+def zero_grads(likes, needs) -> tuple:
+    """Zero gradients shaped like ``likes`` where ``needs`` (None where not needed or where the
+    like is None): the backward of an empty output (B, H or W = 0), which the convolutions of the
+    backward formulas reject."""
+    return tuple(torch.zeros_like(t) if need and t is not None else None
+                 for t, need in zip(likes, needs))
+
+
 class EagerOp:
     """Calls ``custom_op(*args)``, or the same ``forward`` with ``setup_context`` and
     ``backward`` as a ``torch.autograd.Function`` when :func:`eager_safe`. ``args`` must be

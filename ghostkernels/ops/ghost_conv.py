@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from ghostkernels import backends
-from ghostkernels.ops.eager import EagerOp
+from ghostkernels.ops.eager import EagerOp, zero_grads
 from ghostkernels.checks import (FLOATING, require_dim_size, require_dtype, require_ndim,
                                  require_same_device, require_same_dtype, require_tensor)
 from ghostkernels.reference import ghost_conv as reference
@@ -127,13 +127,10 @@ def _backward_on_backend(ctx, grad_y):
     x, w_primary, w_cheap, input_scale, gate, *rest = ctx.saved_tensors
     # The dispatcher drops trailing arguments equal to their defaults (None): pad to all 11.
     needs = tuple(ctx.needs_input_grad) + (False,) * (11 - len(ctx.needs_input_grad))
-    if grad_y.numel() == 0:  # B, H or W is 0: zero gradients (convolutions reject H or W = 0)
-        C1 = w_primary.shape[0]
-        zeros = (torch.zeros_like(x), torch.zeros_like(w_primary), w_primary.new_zeros(C1),
-                 torch.zeros_like(w_cheap), w_cheap.new_zeros(C1), None, None, None,
-                 None if input_scale is None else torch.zeros_like(input_scale),
-                 None if gate is None else torch.zeros_like(gate), grad_y)
-        return tuple(z if need else None for z, need in zip(zeros, needs))
+    if grad_y.numel() == 0:  # B, H or W is 0
+        bias = w_primary.new_empty(w_primary.shape[0])
+        return zero_grads((x, w_primary, bias, w_cheap, bias, None, None, None, input_scale,
+                           gate, grad_y), needs)
     if len(rest) == 1:
         y0 = rest[0]
     else:  # the core output: the same op without gate and residual

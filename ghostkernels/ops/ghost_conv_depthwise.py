@@ -36,7 +36,7 @@ import torch
 from ghostkernels import backends
 from ghostkernels.checks import FLOATING, require_ndim, require_tensor
 from ghostkernels.ops.depthwise_conv import STRIDES
-from ghostkernels.ops.eager import EagerOp
+from ghostkernels.ops.eager import EagerOp, zero_grads
 from ghostkernels.ops.ghost_conv import (check_bias, check_same_dtype_device, ghost_conv_arguments,
                                          in_memory_format, parse_act)
 from ghostkernels.reference import depthwise_conv as reference_depthwise
@@ -109,10 +109,8 @@ def _backward(ctx, grad_y):
     tensors = dict(zip(reference.TENSOR_ARGS, ctx.saved_tensors))
     needs = tuple(ctx.needs_input_grad) + (False,) * (len(_INPUT_NAMES) - len(
         ctx.needs_input_grad))
-    if grad_y.numel() == 0:  # B, H or W is 0: zero gradients (convolutions reject H or W = 0)
-        wanted = dict(zip(_INPUT_NAMES, needs))
-        return tuple(torch.zeros_like(tensors[name]) if wanted[name] and tensors.get(name)
-                     is not None else None for name in _INPUT_NAMES)
+    if grad_y.numel() == 0:  # B, H or W is 0
+        return zero_grads([tensors.get(name) for name in _INPUT_NAMES], needs)
     grads = reference.backward(grad_y, tensors, ctx.geometry, dict(zip(_INPUT_NAMES, needs)))
     return tuple(grads.get(name) for name in _INPUT_NAMES)
 

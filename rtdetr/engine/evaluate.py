@@ -56,7 +56,8 @@ def predict_dataset(model, postprocessor, loader, device, label2category: dict,
                     amp: bool = False, progress: bool = False) -> list[dict]:
     model.eval()
     per_image: dict[int, list] = {}
-    bad = {"boxes": 0, "scores": 0, "images": 0}  # non-finite predictions
+    # non-finite predicted boxes, scores, and images with any: summed on the device, read once
+    bad = torch.zeros(3, dtype=torch.long, device=device)
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
         images = images.to(device)
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
@@ -64,14 +65,14 @@ def predict_dataset(model, postprocessor, loader, device, label2category: dict,
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         results = postprocessor(outputs, sizes)
         for r in results:
-            boxes = int((~torch.isfinite(r["boxes"])).any(-1).sum())
-            scores = int((~torch.isfinite(r["scores"])).sum())
-            bad["boxes"], bad["scores"] = bad["boxes"] + boxes, bad["scores"] + scores
-            bad["images"] += bool(boxes or scores)
+            boxes = (~torch.isfinite(r["boxes"])).any(-1).sum()
+            scores = (~torch.isfinite(r["scores"])).sum()
+            bad += torch.stack([boxes, scores, (boxes + scores > 0).long()])
         ids = [t["image_id"] for t in targets]
         for image_id, det in zip(ids, [to_coco_detections([r], [i], label2category)
                                        for r, i in zip(results, ids)]):
             per_image[int(image_id)] = det
+    bad = dict(zip(("boxes", "scores", "images"), bad.tolist()))
     merged: dict[int, list] = {}
     total = dict.fromkeys(bad, 0)
     for part, part_bad in all_gather_objects((per_image, bad)):  # every rank raises, or none

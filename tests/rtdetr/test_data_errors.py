@@ -48,15 +48,23 @@ def test_unknown_category(tmp_path):
         CocoDetection(*paths)
 
 
-def test_box_outside_image_error_and_logged_skip(tmp_path, caplog):
-    anns = [{"id": 4, "image_id": 1, "category_id": 1, "bbox": [30, 5, 20, 5]},
-            {"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}]
-    paths = make(tmp_path, anns)
-    with pytest.raises(DatasetError, match=r"annotation id 4: bbox .* outside image 'a.png'"):
+def rejected_then_skipped(paths, ann_id: int, caplog) -> CocoDetection:
+    """Annotation ``ann_id`` of ``paths`` lies outside its image: an error naming it, or with
+    skip_invalid_boxes a dataset without it and a logged warning naming it."""
+    with pytest.raises(DatasetError,
+                       match=rf"annotation id {ann_id}: bbox .* outside image 'a.png'"):
         CocoDetection(*paths)
     with caplog.at_level(logging.WARNING):
         ds = CocoDetection(*paths, skip_invalid_boxes=True)
-    assert "annotation id 4" in caplog.text and "ann.json" in caplog.text
+    assert f"annotation id {ann_id}" in caplog.text
+    return ds
+
+
+def test_box_outside_image_error_and_logged_skip(tmp_path, caplog):
+    anns = [{"id": 4, "image_id": 1, "category_id": 1, "bbox": [30, 5, 20, 5]},
+            {"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}]
+    ds = rejected_then_skipped(make(tmp_path, anns), 4, caplog)
+    assert "ann.json" in caplog.text
     assert ds[0][1]["labels"].tolist() == [0]
 
 
@@ -134,10 +142,5 @@ def test_box_wholly_past_the_border_within_tolerance(tmp_path, caplog):
     the border: clamping would make it an inverted box (x0 40.5 > x1 40)."""
     anns = [{"id": 8, "image_id": 1, "category_id": 1, "bbox": [40.5, 5, 0.4, 5]},
             {"id": 9, "image_id": 1, "category_id": 1, "bbox": [39.5, 5, 1.4, 5]}]
-    paths = make(tmp_path, anns)
-    with pytest.raises(DatasetError, match=r"annotation id 8: bbox .* outside image 'a.png'"):
-        CocoDetection(*paths)
-    with caplog.at_level(logging.WARNING):
-        ds = CocoDetection(*paths, skip_invalid_boxes=True)
-    assert "annotation id 8" in caplog.text
+    ds = rejected_then_skipped(make(tmp_path, anns), 8, caplog)
     assert ds[0][1]["boxes"].tolist() == [[39.5, 5, 40, 10]]  # id 9: clamped, kept
