@@ -34,8 +34,9 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "referenc
 _OP_AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {}
 # Measured per call shape (ghostkernels.tuning): (op, device type, dtype, call_key) -> backend.
 _TUNED: dict[tuple, str] = {}
-_RECORDER: dict | None = None  # while ghostkernels.tuning records: the calls resolve() sees
 
+# Per thread: the use_backend and prefer_backend stacks, the decomposed() depth, and the dict
+# recording_calls() fills (tuning records the calls of its own thread only).
 _state = threading.local()
 
 
@@ -230,6 +231,27 @@ def prefer_backend(backend: str) -> Iterator[None]:
         stack.pop()
 
 
+def preferred_backend() -> str | None:
+    """The backend of the innermost :func:`prefer_backend` on this thread, or None."""
+    stack = getattr(_state, "preferred", None)
+    return stack[-1] if stack else None
+
+
+def current_choice() -> tuple[str | None, str | None]:
+    """``(requested_backend(), preferred_backend())``: what an op's setup_context saves so that
+    its backward chooses as the forward did (:func:`choosing`). Both are per thread, and autograd
+    runs the backward of CUDA tensors on a thread of its own."""
+    return requested_backend(), preferred_backend()
+
+
+def choosing(forced: str | None, preferred: str | None):
+    """A context in which the choice :func:`current_choice` returned is in force (None or "":
+    whatever is in force here). Forcing wins over preferring, so at most one is entered."""
+    if forced:
+        return use_backend(forced)
+    return prefer_backend(preferred) if preferred else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def decomposed() -> Iterator[None]:
     """Inside this context the public ops bypass their custom op and call the reference
@@ -282,21 +304,29 @@ def call_key(args, kwargs=None) -> tuple:
     return key + tuple((k, one(v)) for k, v in sorted(kwargs.items())) if kwargs else key
 
 
+def check_forced(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The forced backend (:func:`requested_backend`; None: automatic), after checking that it can
+    run ``op`` here (:class:`BackendUnavailableError` if not). Ops call it where they return
+    early without a backend (empty inputs): the error must not depend on the input's size."""
+    forced = requested_backend()
+    if forced is not None:
+        why = _supports(op, forced, device.type, dtype)
+        if why:
+            raise BackendUnavailableError(
+                f"backend {forced!r} was requested for ghostkernels.{op} on {device.type} "
+                f"{str(dtype).replace('torch.', '')} tensors but cannot run it: {why}")
+    return forced
+
+
 def select(op: str, device: torch.device, dtype: torch.dtype, key: tuple | None = None) -> str:
     """The backend that runs ``op`` for tensors on ``device`` with ``dtype`` (``key``: the call's
     :func:`call_key`, for choices measured per call shape)."""
-    device_type = device.type
-    forced = requested_backend()
+    forced = check_forced(op, device, dtype)
     if forced is not None:
-        why = _supports(op, forced, device_type, dtype)
-        if why:
-            raise BackendUnavailableError(
-                f"backend {forced!r} was requested for ghostkernels.{op} on {device_type} "
-                f"{str(dtype).replace('torch.', '')} tensors but cannot run it: {why}")
         return forced
     # Automatic: the preferred backend, then the one measured for this call shape, then the order.
-    preferred = getattr(_state, "preferred", None)
-    first = (preferred[-1] if preferred else None,
+    device_type = device.type
+    first = (preferred_backend(),
              _TUNED.get((op, device_type, dtype, key)) if key is not None else None)
     for backend in (*first, *auto_order(op, device_type)):
         if backend is not None and not _supports(op, backend, device_type, dtype):
@@ -326,12 +356,13 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, args=None, kwargs
     the caller will pass to the module's ``forward`` (so that choices measured per call shape
     apply, and :mod:`ghostkernels.tuning` can record the call)."""
     key = None
-    if args is not None and (_TUNED or _RECORDER is not None):
+    recorder = getattr(_state, "recorder", None)
+    if args is not None and (_TUNED or recorder is not None):
         key = call_key(args, kwargs)
-        if _RECORDER is not None and (op, device.type, dtype, key) not in _RECORDER:
+        if recorder is not None and (op, device.type, dtype, key) not in recorder:
             def keep(a):  # a copy: the caller's tensors may change after the call
                 return a.detach().clone() if isinstance(a, torch.Tensor) else a
-            _RECORDER[(op, device.type, dtype, key)] = (
+            recorder[(op, device.type, dtype, key)] = (
                 tuple(keep(a) for a in args), {k: keep(v) for k, v in (kwargs or {}).items()})
     return _REGISTRY[op][select(op, device, dtype, key)].load()
 
@@ -353,15 +384,15 @@ def clear_tuned() -> None:
 def recording_calls() -> Iterator[dict]:
     """Inside: the first op call of every (op, device type, dtype, :func:`call_key`) that
     resolves a backend with its arguments is stored in the yielded dict, mapped to a copy of its
-    ``(args, kwargs)`` (used by ghostkernels.tuning)."""
-    global _RECORDER
-    if _RECORDER is not None:
+    ``(args, kwargs)`` (used by ghostkernels.tuning). Only this thread's calls: another thread's
+    calls (or its own ``tune()``) are not this recording's."""
+    if getattr(_state, "recorder", None) is not None:
         raise RuntimeError("ghostkernels is already recording op calls (nested tune())")
-    _RECORDER = {}
+    _state.recorder = recorder = {}
     try:
-        yield _RECORDER
+        yield recorder
     finally:
-        _RECORDER = None
+        _state.recorder = None
 
 
 def backend_for(op: str, device: torch.device | str, dtype: torch.dtype) -> str:

@@ -137,7 +137,9 @@ def tune(fn, *args, candidates=backends.BACKENDS, repeats: int = 10, warmup: int
     the fastest that agrees with the reference backend (module docstring). ``candidates``: the
     backends to consider (those that cannot run a call are skipped). Returns one
     :class:`TunedCall` per call shape. Tuning again re-measures and replaces those entries.
-    Triton on CPU tensors (its interpreter) is never a candidate."""
+    Triton on CPU tensors (its interpreter) is never a candidate. The calls are recorded on this
+    thread only (``backends.recording_calls``): other threads' calls meanwhile are not measured,
+    and other threads may tune at the same time."""
     bad = [b for b in candidates if b not in backends.BACKENDS]
     if bad:
         raise ValueError(f"candidates must be among {backends.BACKENDS}, got {bad}")

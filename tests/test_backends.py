@@ -136,6 +136,46 @@ def test_the_backward_runs_on_the_forward_threads_forced_backend(monkeypatch):
     assert calls == ["forward", "forward"]
 
 
+def test_the_backward_runs_on_the_forward_threads_preferred_backend(monkeypatch):
+    """prefer_backend is per thread as well: the backward (on autograd's device thread for CUDA
+    tensors) must choose as the forward did. Preferring the reference over the automatic C++
+    kernels shows which choice a backward made."""
+    from tests.backend_params import require
+    from tests.msda_cases import make_inputs
+    require("cpu", "ghost_conv", torch.float64)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    chosen = []
+    resolve = backends.resolve
+
+    def spy(op, device, dtype, args=None, kwargs=None):
+        module = resolve(op, device, dtype, args, kwargs)
+        chosen.append(module.__name__.split(".")[1])  # reference, compiled or triton
+        return module
+
+    monkeypatch.setattr(backends, "resolve", spy)
+    value, shapes, starts, loc, weights = make_inputs(1, [(4, 5), (2, 3)], 2, 4, 3, 2)
+    msda = [t.requires_grad_() for t in (value, loc, weights)]
+    x = torch.randn(1, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+    w1, wc = torch.randn(3, 4, 1, 1, dtype=torch.float64), torch.randn(3, 1, 3, 3, dtype=x.dtype)
+    residual, wd = torch.randn(1, 6, 6, 5, dtype=x.dtype), torch.randn(4, 1, 3, 3, dtype=x.dtype)
+    calls = {
+        "ms_deform_attn": (lambda: ghostkernels.ms_deform_attn_softmax(
+            msda[0], shapes, starts, msda[1], msda[2]), msda),
+        "depthwise_conv": (lambda: ghostkernels.depthwise_conv(x, wd), [x]),
+        # the backward recomputes the core output (residual epilogue)
+        "ghost_conv": (lambda: ghostkernels.ghost_conv(x, w1, None, wc, None,
+                                                       residual=residual), [x]),
+    }
+    for name, (call, inputs) in calls.items():
+        assert backends.select(name, torch.device("cpu"), torch.float64) == "cpu", name
+        chosen.clear()
+        with ghostkernels.prefer_backend("reference"):
+            out = call()
+        assert chosen == ["reference"], name
+        _backward_on_another_thread(out, inputs)
+        assert chosen == ["reference", "reference"], name
+
+
 def test_runnable_backends_lists_exactly_the_backends_that_can_run_an_op():
     from ghostkernels.backends import _supports, runnable_backends
     for op in ("ghost_conv", "ghost_conv_depthwise", "dfc_gate"):
@@ -154,3 +194,67 @@ def test_backend_for_rejects_an_unknown_op():
     with pytest.raises(ValueError, match=r"op must be one of .*'ghost_conv'.* got 'gost_conv'"):
         ghostkernels.backend_for("gost_conv", "cpu", torch.float32)
     assert ghostkernels.backend_for("ghost_conv", "cpu", torch.float32) in ("cpu", "reference")
+
+
+def _op_calls():
+    """op name -> a call of its public function on float64 inputs with batch ``B``."""
+    from tests.msda_cases import make_inputs
+
+    def r(*shape):
+        return torch.randn(*shape, dtype=torch.float64)
+
+    def msda(B, softmax=False):
+        value, shapes, starts, loc, weights = make_inputs(1, [(4, 5), (2, 3)], 2, 4, 3, 2)
+        fn = ghostkernels.ms_deform_attn_softmax if softmax else ghostkernels.ms_deform_attn
+        return fn(value[:B], shapes, starts, loc[:B], weights[:B])
+
+    w1, wc = r(3, 4, 1, 1), r(3, 1, 3, 3)
+    return {
+        "ms_deform_attn": msda,
+        "ms_deform_attn_softmax": lambda B: msda(B, softmax=True),
+        "ghost_conv": lambda B: ghostkernels.ghost_conv(r(B, 4, 6, 5), w1, None, wc, None),
+        "ghost_conv_depthwise": lambda B: ghostkernels.ghost_conv_depthwise(
+            r(B, 4, 6, 5), w1, None, wc, None, r(6, 1, 3, 3), None),
+        "depthwise_conv": lambda B: ghostkernels.depthwise_conv(r(B, 4, 6, 5), r(4, 1, 3, 3)),
+        "dfc_gate": lambda B: ghostkernels.dfc_gate(r(B, 4, 6, 6), r(5, 4, 1, 1), None,
+                                                    r(5, 1, 1, 5), None, r(5, 1, 5, 1), None),
+        "se_excitation": lambda B: ghostkernels.se_excitation(r(B, 5), r(3, 5), None, r(5, 3),
+                                                              None),
+    }
+
+
+@pytest.mark.parametrize("name", list(_op_calls()))
+def test_a_forced_backend_that_cannot_run_an_op_raises_for_an_empty_input_too(name):
+    """Whether forcing a backend that cannot run an op is an error must not depend on the input's
+    size: the ops return early for an empty input, which skipped the check. Triton has no float64
+    kernel of any op; the C++ backend has none of some ops."""
+    call = _op_calls()[name]
+    op = name.replace("_softmax", "")
+    forced = ["triton"] + [b for b in ("cpu",) if b not in backends.implementations(op)]
+    for backend in forced:
+        for batch in (1, 0):
+            with ghostkernels.use_backend(backend):
+                with pytest.raises(ghostkernels.BackendUnavailableError,
+                                   match=f"{backend!r} was requested for ghostkernels.{op}"):
+                    call(batch)
+        assert call(0).shape[0] == 0  # automatic: an empty result
+
+
+@pytest.mark.parametrize("name", ["ms_deform_attn", "depthwise_conv"])
+def test_a_backward_forced_to_a_backend_that_cannot_run_it_raises_for_an_empty_input_too(name):
+    """The same for the ops whose backward runs on a backend: the forward automatic, the
+    backward forced where it runs."""
+    from tests.msda_cases import make_inputs
+    for batch in (1, 0):
+        if name == "ms_deform_attn":
+            value, shapes, starts, loc, weights = make_inputs(1, [(4, 5), (2, 3)], 2, 4, 3, 2)
+            leaves = [t[:batch].clone().requires_grad_() for t in (value, loc, weights)]
+            out = ghostkernels.ms_deform_attn(leaves[0], shapes, starts, *leaves[1:])
+        else:
+            leaves = [torch.randn(shape, dtype=torch.float64, requires_grad=True)
+                      for shape in ((batch, 4, 6, 5), (4, 1, 3, 3))]
+            out = ghostkernels.depthwise_conv(*leaves)
+        with ghostkernels.use_backend("triton"):
+            with pytest.raises(ghostkernels.BackendUnavailableError,
+                               match=f"'triton' was requested for ghostkernels.{name}"):
+                torch.autograd.grad(out.sum(), leaves)

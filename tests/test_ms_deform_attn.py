@@ -127,6 +127,60 @@ def test_points_on_borders_corners_and_outside(backend, dtype):
     assert rel_err(out, ref) < TOLERANCE[dtype][0]
 
 
+def _non_finite_locations(loc):
+    """``loc`` with a third of its points given an x and/or y of +inf, -inf, NaN or half the
+    dtype's largest value (whose pixel coordinate ``loc * size`` overflows to inf), and the mask
+    ``[N, Lq, M, L, P]`` of those points."""
+    gen = torch.Generator().manual_seed(2)
+    shape = loc.shape[:-1]
+    bad = torch.rand(shape, generator=gen) < 1 / 3
+    bad.view(-1)[:2] = True
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"),
+                             torch.finfo(loc.dtype).max / 2], dtype=loc.dtype)
+    which = specials[torch.randint(0, 4, (*shape, 2), generator=gen)]
+    axes = torch.randint(0, 3, shape, generator=gen)  # 0: x, 1: y, 2: both
+    hit = torch.stack([axes != 1, axes != 0], dim=-1) & bad[..., None]
+    return torch.where(hit.to(loc.device), which.to(loc.device), loc), bad
+
+
+@pytest.mark.parametrize("softmax", [False, True], ids=["weights", "softmax"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_non_finite_locations_sample_nothing(backend, dtype, softmax):
+    """A point at a location of +-inf or NaN (or one whose pixel coordinate overflows) lies
+    outside every map: it contributes zero, as the compiled kernels define it, and its location
+    gradient is zero; value and weight gradients stay finite. The reference used to give NaN
+    (grid_sample computes NaN corner weights for such a point); every backend must equal the
+    float64 reference on the same inputs. (The Triton kernel gave NaN too: its fractions of a
+    non-finite pixel coordinate, inf - floor(inf), times its masked zero corners.)"""
+    device = require(backend, OP, dtype)
+    value, shapes, starts, loc, weights = make_inputs(1, [(3, 4), (2, 2)], 2, 3, 4, 3,
+                                                      dtype=dtype, device=device)
+    loc, bad = _non_finite_locations(loc)
+    fn = ghostkernels.ms_deform_attn_softmax if softmax else ghostkernels.ms_deform_attn
+    grad_out = torch.randn(1, 4, 6, dtype=torch.float64)
+
+    def with_grads(backend, tensors):
+        inputs = [t.detach().clone().requires_grad_() for t in tensors]
+        with use_backend(backend):
+            out = fn(inputs[0], shapes.cpu(), starts.cpu(), inputs[1], inputs[2])
+            grads = torch.autograd.grad(out, inputs, grad_out.to(out))
+        return out, grads
+
+    out, grads = with_grads(backend, (value, loc, weights))
+    ref, ref_grads = with_grads("reference", [t.double().cpu() for t in (value, loc, weights)])
+    assert torch.isfinite(out).all() and torch.isfinite(ref).all()
+    assert rel_err(out, ref) < TOLERANCE[dtype][0]
+    if not softmax:
+        naive = naive_ms_deform_attn(value, shapes.cpu(), starts.cpu(), loc, weights)
+        assert rel_err(ref, naive) < 1e-12
+    for name, g, r in zip(("value", "sampling_locations", "attention_weights"), grads,
+                          ref_grads):
+        assert torch.isfinite(g).all() and torch.isfinite(r).all(), name
+        assert rel_err(g, r) < TOLERANCE[dtype][1], name
+    assert (grads[1][bad.to(device)] == 0).all() and (ref_grads[1][bad] == 0).all()
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_non_contiguous_inputs(backend):
     device = require(backend, OP, torch.float32)

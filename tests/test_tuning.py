@@ -133,6 +133,52 @@ def test_tune_refuses_unknown_backends_and_nesting():
         ghostkernels.tune(lambda: ghostkernels.tune(lambda: None))
 
 
+def test_concurrent_tunes_record_only_their_own_threads_calls():
+    """The recorder is per thread: a tune() records the calls its own thread makes, not those
+    of other threads, and two threads can tune at the same time (a module-global recorder
+    recorded every thread's calls and refused the second tune as nested)."""
+    import threading
+    a_args, b_args, other_args = ghost_args(H=5), ghost_args(H=6), ghost_args(H=7)
+    a_recording, b_done = threading.Event(), threading.Event()
+    results, errors = {}, []
+
+    def fn_a():
+        ghost(a_args)
+        a_recording.set()
+        assert b_done.wait(60)  # B's plain call and B's whole tune happen while A records
+
+    def thread_a():
+        try:
+            results["a"] = ghostkernels.tune(fn_a, candidates=CPU, repeats=1, warmup=0)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    def thread_b():
+        try:
+            assert a_recording.wait(60)
+            ghost(other_args)  # an untuned call on another thread
+            results["b"] = ghostkernels.tune(ghost, b_args, candidates=CPU, repeats=1, warmup=0)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            b_done.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+
+    def heights(entries):  # key[0]: x's shape, with its layout for channels_last
+        return [e.key[0][0][2] if isinstance(e.key[0][0], tuple) else e.key[0][2]
+                for e in entries]
+
+    assert heights(results["a"]) == [5] and heights(results["b"]) == [6]
+    assert all(e.backend for e in results["a"] + results["b"])
+    assert len(backends._TUNED) == 2
+
+
 def test_the_triton_interpreter_is_never_timed():
     (entry,) = ghostkernels.tune(ghost, ghost_args())
     assert "triton" not in entry.ms and "triton" in entry.rejected

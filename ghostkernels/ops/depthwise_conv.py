@@ -20,8 +20,6 @@ calling a backend.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ghostkernels import backends
@@ -54,7 +52,8 @@ def _empty_output(x: torch.Tensor, kh: int, kw: int, stride: int) -> torch.Tenso
 
 def _depthwise_conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kh: int,
                          kw: int, stride: int, relu: bool) -> torch.Tensor:
-    if x.numel() == 0:
+    if x.numel() == 0:  # nothing to compute, but a forced backend must be able to run it
+        backends.check_forced(OP, x.device, x.dtype)
         return _empty_output(x, kh, kw, stride)
     fmt = output_memory_format(x)
     x = x.detach().contiguous(memory_format=fmt)
@@ -77,22 +76,24 @@ def _setup_context(ctx, inputs, output):
     x, weight, _, kh, kw, stride, relu = inputs
     ctx.save_for_backward(x, weight, output)
     ctx.geometry = (kh, kw, stride, relu)
-    ctx.backend = backends.requested_backend() or ""  # the forward thread's choice
+    # The forward thread's choice: autograd runs the backward of CUDA tensors on its own thread,
+    # where the forward thread's use_backend and prefer_backend are not in force.
+    ctx.choice = backends.current_choice()
 
 
 def _backward(ctx, grad_y):
     x, weight, y = ctx.saved_tensors
+    # The chosen backend's backward kernel where it has one (the C++ CPU kernel), in plain eager
+    # execution only: under tracers (torch.compile, fake tensors) the reference formula's aten
+    # ops are what gets traced. Chosen before the early return (see backends.check_forced).
+    backward = reference.backward
+    if eager_safe((grad_y, x, weight, y)):
+        with backends.choosing(*ctx.choice):
+            impl = backends.resolve(OP, x.device, x.dtype)
+        backward = getattr(impl, "backward", backward)
     if grad_y.numel() == 0:  # B, H or W is 0
         return (*zero_grads((x, weight, weight[:, 0]), ctx.needs_input_grad), None, None, None,
                 None)
-    # The chosen backend's backward kernel where it has one (the C++ CPU kernel), in plain eager
-    # execution only: under tracers (torch.compile, fake tensors) the reference formula's aten
-    # ops are what gets traced.
-    backward = reference.backward
-    if eager_safe((grad_y, x, weight, y)):
-        with backends.use_backend(ctx.backend) if ctx.backend else contextlib.nullcontext():
-            impl = backends.resolve(OP, x.device, x.dtype)
-        backward = getattr(impl, "backward", backward)
     grads = backward(grad_y, y, x, weight, *ctx.geometry, needs=ctx.needs_input_grad[:3])
     return (*grads, None, None, None, None)
 

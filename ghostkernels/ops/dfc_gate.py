@@ -55,7 +55,8 @@ def _empty_output(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 def _dfc_gate_impl(x: torch.Tensor, w_proj: torch.Tensor, b_proj: torch.Tensor, w_h: torch.Tensor,
                    b_h: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
-    if x.numel() == 0:
+    if x.numel() == 0:  # nothing to compute, but a forced backend must be able to run it
+        backends.check_forced(OP, x.device, x.dtype)
         return _empty_output(x, w_proj.shape[0])
     fmt = output_memory_format(x)
     x = x.detach().contiguous(memory_format=fmt)

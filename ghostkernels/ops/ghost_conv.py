@@ -75,7 +75,8 @@ def _ghost_conv_impl(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.
                      gate: torch.Tensor | None = None,
                      residual: torch.Tensor | None = None) -> torch.Tensor:
     B, _, H, W = x.shape
-    if B * H * W == 0:
+    if B * H * W == 0:  # nothing to compute, but a forced backend must be able to run it
+        backends.check_forced(OP, x.device, x.dtype)
         return _empty_output(x, out_channels)
     fmt = reference.output_memory_format(x)
     x = x.detach().contiguous(memory_format=fmt)
@@ -106,8 +107,9 @@ def _setup_context(ctx, inputs, output):
      input_scale, gate, residual) = inputs
     ctx.relu = (relu_primary, relu_cheap)
     # The backward recomputes the core output on this backend; autograd runs the backward of
-    # CUDA tensors on its own thread, where the forward thread's use_backend is not in force.
-    ctx.backend = backends.requested_backend()
+    # CUDA tensors on its own thread, where the forward thread's use_backend and prefer_backend
+    # are not in force.
+    ctx.choice = backends.current_choice()
     ctx.out_channels = out_channels
     # With an epilogue, y is not the core output: the backward recomputes that (from the biases
     # too) rather than the forward storing it.
@@ -117,9 +119,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y):
-    if ctx.backend is None:  # nothing forced where the forward ran
-        return _backward_on_backend(ctx, grad_y)
-    with backends.use_backend(ctx.backend):  # see _setup_context
+    with backends.choosing(*ctx.choice):  # see _setup_context
         return _backward_on_backend(ctx, grad_y)
 
 

@@ -67,7 +67,8 @@ def _impl(x: torch.Tensor, w_primary: torch.Tensor, b_primary: torch.Tensor,
           out_channels: int, input_scale: torch.Tensor | None = None,
           gate: torch.Tensor | None = None) -> torch.Tensor:
     B, _, H, W = x.shape
-    if B * H * W == 0:
+    if B * H * W == 0:  # nothing to compute, but a forced backend must be able to run it
+        backends.check_forced(OP, x.device, x.dtype)
         return _empty_output(x, out_channels, kernel_size, stride)
     fmt = output_memory_format(x)
     x = x.detach().contiguous(memory_format=fmt)

@@ -20,8 +20,6 @@ Kernel contract, the same for every backend module (``forward`` / ``backward``):
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ghostkernels import backends
@@ -92,10 +90,11 @@ def _ms_deform_attn_impl(value: torch.Tensor, spatial_shapes: torch.Tensor,
                          attention_weights: torch.Tensor, softmax: bool = False) -> torch.Tensor:
     N, _, M, D = value.shape
     Lq = sampling_locations.shape[1]
-    if N * Lq * M * D == 0:
-        return value.new_zeros(N, Lq, M * D)
     if value.is_meta:  # shapes only (as the fake kernel): the level tables need not be readable
         return value.new_empty(N, Lq, M * D)
+    if N * Lq * M * D == 0:  # nothing to compute, but a forced backend must be able to run it
+        backends.check_forced(OP, value.device, value.dtype)
+        return value.new_zeros(N, Lq, M * D)
     args = _kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                           attention_weights)
     kwargs = {"softmax": softmax}
@@ -117,22 +116,23 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
 def _ms_deform_attn_backward_impl(grad_output: torch.Tensor, value: torch.Tensor,
                                   spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                                   sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
-                                  softmax: bool, deterministic: bool, backend: str = ""
+                                  softmax: bool, deterministic: bool, backend: str = "",
+                                  preferred: str = ""
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. value, sampling_locations and attention_weights (the logits when
     ``softmax``). ``deterministic``: grad_value through the fixed-point path (backends whose
-    accumulation is deterministic anyway ignore the scale). ``backend``: the backend forced
-    where the forward ran ("": none, the choice in force here applies): autograd runs the
-    backward of CUDA tensors on its own thread, where the forward thread's ``use_backend`` is not
-    in force."""
-    if grad_output.numel() == 0 or value.numel() == 0:
-        return (torch.zeros_like(value), torch.zeros_like(sampling_locations),
-                torch.zeros_like(attention_weights))
+    accumulation is deterministic anyway ignore the scale). ``backend``, ``preferred``: the
+    backends forced and preferred where the forward ran (``backends.current_choice``; "": none,
+    the choice in force here applies): autograd runs the backward of CUDA tensors on its own
+    thread, where the forward thread's ``use_backend`` and ``prefer_backend`` are not in force."""
     if value.is_meta:
         return (torch.empty_like(value), torch.empty_like(sampling_locations),
                 torch.empty_like(attention_weights))
-    with backends.use_backend(backend) if backend else contextlib.nullcontext():
+    with backends.choosing(backend, preferred):  # before the early return: see check_forced
         impl = backends.resolve(OP, value.device, value.dtype)
+    if grad_output.numel() == 0 or value.numel() == 0:
+        return (torch.zeros_like(value), torch.zeros_like(sampling_locations),
+                torch.zeros_like(attention_weights))
     grad_output = grad_output.to(value.dtype).contiguous()
     inputs = _kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights)
@@ -152,7 +152,7 @@ _ms_deform_attn_backward = torch.library.custom_op(
 
 @_ms_deform_attn_backward.register_fake
 def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-      attention_weights, softmax, deterministic, backend=""):
+      attention_weights, softmax, deterministic, backend="", preferred=""):
     return (torch.empty_like(value), torch.empty_like(sampling_locations),
             torch.empty_like(attention_weights))
 
@@ -160,7 +160,8 @@ def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:5])
     ctx.softmax = inputs[5]
-    ctx.backend = backends.requested_backend() or ""  # the forward thread's choice
+    # The forward thread's choice, for the backward (see _ms_deform_attn_backward_impl)
+    ctx.backend, ctx.preferred = (b or "" for b in backends.current_choice())
 
 
 def _backward(ctx, grad_output):
@@ -169,7 +170,7 @@ def _backward(ctx, grad_output):
     # Read when the backward runs: float atomics make grad_value order-dependent on a GPU only.
     deterministic = torch.are_deterministic_algorithms_enabled() and value.device.type == "cuda"
     args = (grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-            attention_weights, ctx.softmax, deterministic, ctx.backend)
+            attention_weights, ctx.softmax, deterministic, ctx.backend, ctx.preferred)
     backward_op = _ms_deform_attn_backward_impl if eager_safe(args) else _ms_deform_attn_backward
     g_value, g_loc, g_attn = backward_op(*args)
     needs = ctx.needs_input_grad

@@ -39,7 +39,8 @@ backends.register(OP, "triton", "ghostkernels.triton.se_excitation", GPU_DTYPES)
 
 def _se_excitation_impl(pooled: torch.Tensor, w_reduce: torch.Tensor, b_reduce: torch.Tensor,
                         w_expand: torch.Tensor, b_expand: torch.Tensor) -> torch.Tensor:
-    if pooled.numel() == 0:
+    if pooled.numel() == 0:  # nothing to compute, but a forced backend must be able to run it
+        backends.check_forced(OP, pooled.device, pooled.dtype)
         return torch.empty_like(pooled, memory_format=torch.contiguous_format)
     args = tuple(t.detach().contiguous() for t in (pooled, w_reduce, b_reduce, w_expand, b_expand))
     return backends.resolve(OP, pooled.device, pooled.dtype, args).forward(*args).to(pooled.dtype)

@@ -52,6 +52,12 @@ def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_lo
     dtype = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
     value = value.to(dtype)
     grids = 2.0 * sampling_locations.to(dtype) - 1.0  # [N,Lq,M,L,P,2]
+    # A point at +-inf or NaN (or whose coordinate overflows) lies outside every map: it samples
+    # zero with zero gradients, as in the compiled kernels; grid_sample would give NaN (its corner
+    # weights are inf - inf). Every point beyond +-3 (pixel <= -1.5 or >= size + 0.5: outside
+    # anyway) or NaN moves to -3, with a zero gradient; the others are untouched. Three
+    # elementwise ops (Abs, LessOrEqual, Where in ONNX), small next to the sampling.
+    grids = torch.where(grids.abs() <= 3.0, grids, -3.0)
     shapes, starts = level_lists(spatial_shapes, level_start_index)
     sampled = []
     for lvl, (h, w) in enumerate(shapes):

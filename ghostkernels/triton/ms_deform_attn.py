@@ -106,6 +106,12 @@ def _load_point(loc_ptr, attn_ptr, point, q_mask, H, W):
     Wf = W.to(tl.float32)
     px = x * Wf - 0.5
     py = y * Hf - 0.5
+    # A point outside the map samples nothing. One at +-inf or NaN (failing every comparison)
+    # would get NaN fractions (inf - floor(inf)) and NaN * 0 from its masked corners: every such
+    # point moves to pixel (-2, -2), where all four corners are outside, as in the other backends.
+    inside = (px >= -1.0) & (px < Wf) & (py >= -1.0) & (py < Hf)
+    px = tl.where(inside, px, -2.0)
+    py = tl.where(inside, py, -2.0)
     x0f = tl.floor(px)
     y0f = tl.floor(py)
     fx = px - x0f
