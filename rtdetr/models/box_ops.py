@@ -75,10 +75,15 @@ def _enclosing_area(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return wh[..., 0] * wh[..., 1]
 
 
-def _giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _iou_and_giou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     inter, union = _intersection_union(a, b)
     enclosing = _enclosing_area(a, b)
-    return _safe_divide(inter, union) - _safe_divide(enclosing - union, enclosing)
+    iou = _safe_divide(inter, union)
+    return iou, iou - _safe_divide(enclosing - union, enclosing)
+
+
+def _giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _iou_and_giou(a, b)[1]
 
 
 def pairwise_box_iou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,3 +120,12 @@ def paired_generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     """Generalised IoU of ``a[i]`` with ``b[i]`` for xyxy boxes ``a``, ``b`` [N,4] -> [N]."""
     _check_paired(a, b)
     return _giou(a, b)
+
+
+def paired_box_iou_and_giou(a: torch.Tensor,
+                            b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(paired_box_iou(a, b), paired_generalized_box_iou(a, b))`` from one intersection and
+    union: the criterion needs both for the same pairs (IoU as the varifocal target, GIoU for the
+    loss), and each costs a dozen small ops. The values are those of the two functions."""
+    _check_paired(a, b)
+    return _iou_and_giou(a, b)

@@ -53,10 +53,13 @@ def contrastive_denoising_group(targets: list[dict], num_classes: int, num_queri
     if empty:
         boxes[:] = torch.tensor(DUMMY_BOX, device=device)
     real = torch.zeros(batch, group_gt, dtype=torch.bool, device=device)
-    for i, (t, n) in enumerate(zip(targets, num_gts)):
-        labels[i, :n] = t["labels"].to(device)
-        boxes[i, :n] = t["boxes"].to(device=device, dtype=boxes.dtype)
-        real[i, :n] = True
+    if not empty:  # gt j of image i goes to row i * group_gt + j: one scatter for the batch
+        rows = torch.tensor([i * group_gt + j for i, n in enumerate(num_gts) for j in range(n)],
+                            dtype=torch.int64, device=device)
+        labels.view(-1)[rows] = torch.cat([t["labels"] for t in targets]).to(device)
+        boxes.view(-1, 4)[rows] = torch.cat([t["boxes"] for t in targets]).to(device,
+                                                                              boxes.dtype)
+        real.view(-1)[rows] = True
 
     # Tile: each group = [G positive slots, G negative slots].
     labels = labels.repeat(1, 2 * num_group)
@@ -65,9 +68,12 @@ def contrastive_denoising_group(targets: list[dict], num_classes: int, num_queri
     negative = torch.zeros(batch, 2 * group_gt, 1, device=device)
     negative[:, group_gt:] = 1.0
     negative = negative.repeat(1, num_group, 1)
-    positive_slots = real & (negative[..., 0] == 0)
-    slot_index = torch.arange(labels.shape[1], device=device)
-    dn_positive_idx = [slot_index[positive_slots[i]] for i in range(batch)]
+    # The positive slots of image i, group by group: g * 2G + j for its gts j (the slots where
+    # ``real`` holds and ``negative`` does not), built on the host: no mask indexing per image
+    # (on a GPU each one a sync).
+    slots = torch.tensor([g * 2 * group_gt + j for n in num_gts for g in range(num_group)
+                          for j in range(n)], dtype=torch.int64, device=device)
+    dn_positive_idx = list(slots.split([n * num_group for n in num_gts]))
 
     if label_noise_ratio > 0:
         flip = (torch.rand(labels.shape, device=device) < label_noise_ratio * 0.5) & real

@@ -86,9 +86,12 @@ class HungarianMatcher(nn.Module):
         if not torch.isfinite(cost).all():
             raise ValueError("matching cost is not finite: pred_logits or pred_boxes contain "
                              "NaN/inf (or target boxes do)")
-        indices = []
-        for image, block in enumerate(cost.split(sizes, dim=-1)):
-            rows, cols = linear_sum_assignment(block[image].numpy())
+        # Image i's block is cost[i, :, its columns]: sliced in NumPy (a view, as before), not
+        # with four small torch ops per image.
+        cost, indices, start = cost.numpy(), [], 0
+        for image, size in enumerate(sizes):
+            rows, cols = linear_sum_assignment(cost[image, :, start:start + size])
+            start += size
             indices.append((torch.as_tensor(rows, dtype=torch.int64),
                             torch.as_tensor(cols, dtype=torch.int64)))
         return indices

@@ -53,15 +53,20 @@ def _check_keys(image: int, target, extra_keys: frozenset) -> None:
                             f"got {type(target[key]).__name__}")
 
 
-def _check_labels(image: int, labels: torch.Tensor, num_classes: int) -> None:
+def _bad_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return (labels < 0) | (labels >= num_classes)
+
+
+def _check_labels(image: int, labels: torch.Tensor, num_classes: int,
+                  values: bool = True) -> None:
     where = _where(image, "labels")
     if labels.dtype != torch.int64:
         raise TypeError(f"{where} must have dtype int64, got {labels.dtype}")
     if labels.dim() != 1:
         raise ValueError(f"{where} must be a 1-d tensor [n], got shape {tuple(labels.shape)}")
-    if labels.numel() == 0 or tracing():
+    if not values or labels.numel() == 0 or tracing():
         return
-    bad = (labels < 0) | (labels >= num_classes)
+    bad = _bad_labels(labels, num_classes)
     if bad.any():
         row = _first_bad_row(bad)
         raise ValueError(f"{where} must lie in [0, {num_classes}) (num_classes={num_classes}; "
@@ -69,7 +74,23 @@ def _check_labels(image: int, labels: torch.Tensor, num_classes: int) -> None:
                          f"{int(labels[row])} at position {row}")
 
 
-def _check_boxes(image: int, boxes: torch.Tensor, num_labels: int) -> None:
+def _corners(boxes: torch.Tensor) -> torch.Tensor:
+    half = boxes[:, 2:] * 0.5
+    return torch.cat((boxes[:, :2] - half, boxes[:, :2] + half), dim=1)
+
+
+def _bad_box_checks(boxes: torch.Tensor, corners: torch.Tensor):
+    """(rows that fail, what the check expects) of the box value checks, in reporting order."""
+    return (
+        (~torch.isfinite(boxes).all(dim=1), "finite values"),
+        ((boxes[:, 2] <= 0) | (boxes[:, 3] <= 0), "width > 0 and height > 0"),
+        (((boxes < 0) | (boxes > 1)).any(dim=1), "normalised values in [0, 1]"),
+        (((corners < -CORNER_TOLERANCE) | (corners > 1 + CORNER_TOLERANCE)).any(dim=1),
+         "corners inside the image"),
+    )
+
+
+def _check_boxes(image: int, boxes: torch.Tensor, num_labels: int, values: bool = True) -> None:
     where = _where(image, "boxes")
     if not boxes.is_floating_point():
         raise TypeError(f"{where} must be a floating-point tensor, got {boxes.dtype}")
@@ -79,21 +100,15 @@ def _check_boxes(image: int, boxes: torch.Tensor, num_labels: int) -> None:
     if boxes.shape[0] != num_labels:
         raise ValueError(f"{where} must have one row per label ({num_labels} labels), "
                          f"got {boxes.shape[0]} boxes")
-    if boxes.numel() == 0 or tracing():
+    if not values or boxes.numel() == 0 or tracing():
         return
-    checks = (
-        (~torch.isfinite(boxes).all(dim=1), "finite values"),
-        ((boxes[:, 2] <= 0) | (boxes[:, 3] <= 0), "width > 0 and height > 0"),
-        (((boxes < 0) | (boxes > 1)).any(dim=1), "normalised values in [0, 1]"),
-    )
-    for bad, expected in checks:
-        if bad.any():
-            row = _first_bad_row(bad)
+    corners = _corners(boxes)
+    *checks, (bad, _) = _bad_box_checks(boxes, corners)
+    for failed, expected in checks:
+        if failed.any():
+            row = _first_bad_row(failed)
             raise ValueError(f"{where} must be normalised cxcywh with {expected}, got "
                              f"{boxes[row].tolist()} at row {row}")
-    half = boxes[:, 2:] * 0.5
-    corners = torch.cat((boxes[:, :2] - half, boxes[:, :2] + half), dim=1)
-    bad = ((corners < -CORNER_TOLERANCE) | (corners > 1 + CORNER_TOLERANCE)).any(dim=1)
     if bad.any():
         row = _first_bad_row(bad)
         raise ValueError(f"{where} must lie inside the image (corners in [0, 1]), got cxcywh "
@@ -117,11 +132,44 @@ def validate_targets(targets, num_classes: int, batch_size: int | None = None,
         raise ValueError(f"targets must hold one dict per image ({batch_size} images), "
                          f"got {len(targets)}")
     extra = frozenset(extra_keys)
+    try:  # the common case, valid targets: per-image structure, then the values batched
+        for image, target in enumerate(targets):
+            _check_target(image, target, num_classes, extra, values=False)
+        if _batch_values_valid(targets, num_classes):
+            return
+    except (TypeError, ValueError):
+        pass
+    # Something is wrong: image by image, each fully before the next, names the first error
+    # (and its row) exactly as ever.
     for image, target in enumerate(targets):
-        _check_keys(image, target, extra)
-        if target["labels"].device != target["boxes"].device:
-            raise ValueError(f"{_where(image, 'labels')} must be on the device of "
-                             f"{_where(image, 'boxes')} ({target['boxes'].device}), "
-                             f"got {target['labels'].device}")
-        _check_labels(image, target["labels"], num_classes)
-        _check_boxes(image, target["boxes"], target["labels"].shape[0])
+        _check_target(image, target, num_classes, extra)
+
+
+def _check_target(image: int, target, num_classes: int, extra_keys: frozenset,
+                  values: bool = True) -> None:
+    _check_keys(image, target, extra_keys)
+    if target["labels"].device != target["boxes"].device:
+        raise ValueError(f"{_where(image, 'labels')} must be on the device of "
+                         f"{_where(image, 'boxes')} ({target['boxes'].device}), "
+                         f"got {target['labels'].device}")
+    _check_labels(image, target["labels"], num_classes, values)
+    _check_boxes(image, target["boxes"], target["labels"].shape[0], values)
+
+
+def _batch_values_valid(targets, num_classes: int) -> bool:
+    """Whether the label and box values of structurally valid ``targets`` pass every check, run
+    once on the concatenated batch: the same row-wise tests as the per-image checks, in ~35 ops
+    and one host read instead of ~30 ops and ~5 reads (on a GPU, syncs) per image. False also
+    when the batch cannot be concatenated as is (boxes of several dtypes or devices): the caller
+    then checks image by image."""
+    if not targets or tracing():
+        return True
+    boxes = [t["boxes"] for t in targets]
+    if len({(b.dtype, b.device) for b in boxes}) != 1:
+        return False
+    labels = torch.cat([t["labels"] for t in targets])
+    boxes = torch.cat(boxes)
+    bad = _bad_labels(labels, num_classes)
+    for failed, _ in _bad_box_checks(boxes, _corners(boxes)):
+        bad = bad | failed
+    return not bool(bad.any())

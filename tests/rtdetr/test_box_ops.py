@@ -6,7 +6,8 @@ import torchvision
 
 from rtdetr.models.box_ops import (box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid,
                                    pairwise_box_iou, pairwise_generalized_box_iou,
-                                   paired_box_iou, paired_generalized_box_iou)
+                                   paired_box_iou, paired_box_iou_and_giou,
+                                   paired_generalized_box_iou)
 from tests.backend_params import rel_err as rel
 
 
@@ -50,6 +51,20 @@ def test_paired_equals_diagonal_of_pairwise():
     torch.testing.assert_close(paired_generalized_box_iou(a, b),
                                pairwise_generalized_box_iou(a, b).diagonal())
     torch.testing.assert_close(paired_box_iou(a, b), pairwise_box_iou(a, b)[0].diagonal())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_paired_iou_and_giou_equal_the_two_functions_bitwise(dtype):
+    point = torch.tensor([[0.3, 0.3, 0.3, 0.3]], dtype=dtype)  # degenerate rows too
+    a = torch.cat([random_xyxy(9, dtype), point, point]).requires_grad_(True)
+    b = torch.cat([random_xyxy(9, dtype), point, random_xyxy(1, dtype)])
+    iou, giou = paired_box_iou_and_giou(a, b)
+    assert torch.equal(iou, paired_box_iou(a, b)) and torch.equal(giou,
+                                                                   paired_generalized_box_iou(a, b))
+    weights = torch.rand(11, dtype=dtype)
+    grad, = torch.autograd.grad((giou * weights).sum(), a)
+    want, = torch.autograd.grad((paired_generalized_box_iou(a, b) * weights).sum(), a)
+    assert torch.equal(grad, want)
 
 
 def test_degenerate_boxes_give_finite_values_and_gradients():

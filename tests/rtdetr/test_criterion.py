@@ -7,7 +7,7 @@ import torchvision
 from torch import distributed as dist
 
 from rtdetr.models.criterion import (RTDETRCriterion, average_num_boxes, box_losses,
-                                     varifocal_loss)
+                                     concat_targets, matched_pairs, pair_losses, varifocal_loss)
 from rtdetr.models.matcher import HungarianMatcher
 
 K = 3  # classes
@@ -82,6 +82,40 @@ def test_box_losses_against_reference():
     want_l1, want_giou = reference_box_losses(out["pred_boxes"].detach(), targets, indices, 4.0)
     assert l1.item() == pytest.approx(want_l1, rel=1e-10)
     assert giou.item() == pytest.approx(want_giou, rel=1e-10)
+
+
+@pytest.mark.parametrize("sizes", [(3, 0, 2, 5), (0, 0), (4,)])
+def test_matched_pairs_equal_the_per_image_gather(sizes):
+    targets, indices = random_targets(sizes), random_indices(sizes, 6)
+    pairs = matched_pairs(concat_targets(targets, torch.device("cpu")), indices,
+                          torch.device("cpu"))
+    assert torch.equal(pairs.images, torch.cat([torch.full_like(q, i)
+                                                for i, (q, _) in enumerate(indices)]))
+    assert torch.equal(pairs.queries, torch.cat([q for q, _ in indices]))
+    for key in ("labels", "boxes"):
+        assert torch.equal(getattr(pairs, key),
+                           torch.cat([t[key][g] for t, (_, g) in zip(targets, indices)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sizes", [(2, 0, 3), (0, 0)])
+def test_pair_losses_equal_varifocal_and_box_losses_bitwise(dtype, sizes):
+    """One gather, one conversion and one intersection/union for the three losses: the values
+    and the gradients are those of the separate functions."""
+    out, targets = random_output(len(sizes), 5, dtype=dtype), random_targets(sizes, dtype)
+    indices = random_indices(sizes, 5)
+    logits, boxes = out["pred_logits"], out["pred_boxes"]
+    pairs = matched_pairs(concat_targets(targets, logits.device), indices, logits.device)
+    got = pair_losses(logits, boxes, pairs, 2.5, alpha=0.6, gamma=1.5)
+    want = (varifocal_loss(logits, boxes, targets, indices, 2.5, alpha=0.6, gamma=1.5),
+            *box_losses(boxes, targets, indices, 2.5))
+    def grads(loss):
+        return torch.autograd.grad(loss, (logits, boxes), retain_graph=True, allow_unused=True,
+                                   materialize_grads=True)
+
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+        assert all(torch.equal(a, b) for a, b in zip(grads(g), grads(w)))
 
 
 def dn_case(sizes, groups, queries=4, layers=3):

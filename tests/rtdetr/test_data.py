@@ -116,6 +116,22 @@ def test_train_transforms_keep_boxes_inside_and_are_seeded():
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
 
 
+def test_train_transforms_seed_the_cpu_generator_only(monkeypatch):
+    """The per-sample seed goes to the CPU generator the transforms draw from (and the fork
+    restores): no accelerator generator is reseeded, which torch.manual_seed would do."""
+    tf = DetectionTransforms(40, train=True, seed=3)
+    image, target = random_sample()
+    want_img, want = tf(image, target, 4)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a device generator was seeded")
+
+    monkeypatch.setattr(torch, "manual_seed", fail)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", fail)
+    got_img, got = tf(image, target, 4)
+    assert torch.equal(got_img, want_img) and torch.equal(got["boxes"], want["boxes"])
+
+
 def test_sanitize_drops_degenerate_boxes():
     image, target = random_sample(n=3)
     boxes = target["boxes"].clone()

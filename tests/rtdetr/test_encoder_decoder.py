@@ -7,7 +7,8 @@ from torch import nn
 
 from rtdetr.models.backbone import build_backbone
 from rtdetr.models.decoder import RTDETRDecoder, generate_anchors
-from rtdetr.models.denoising import contrastive_denoising_group
+from rtdetr.models.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from rtdetr.models.denoising import DUMMY_BOX, contrastive_denoising_group, denoising_attn_mask
 from rtdetr.models import hybrid_encoder
 from rtdetr.models.hybrid_encoder import (CSPRepLayer, HybridEncoder, RepVggBlock,
                                           sincos_position_embedding)
@@ -157,6 +158,70 @@ def test_denoising_groups_mask_and_positive_indices():
             assert bool(mask[r, c]) == blocked, (r, c)
     # padding slots (image 1 has no gt) use the zero padding embedding
     assert torch.equal(content[1], torch.zeros_like(content[1]))
+
+
+def _loop_denoising_group(targets, num_classes, num_queries, class_embed, num_denoising,
+                          label_noise_ratio, box_noise_scale):
+    """contrastive_denoising_group as first written: gts placed and positive slots found image by
+    image (the reference for the batched version)."""
+    device = class_embed.weight.device
+    num_gts = [int(t["labels"].shape[0]) for t in targets]
+    batch, max_gt = len(targets), max(num_gts, default=0)
+    empty = max_gt == 0
+    group_gt = 1 if empty else max_gt
+    num_group = 1 if empty else max(1, num_denoising // max_gt)
+    labels = torch.full((batch, group_gt), num_classes, dtype=torch.long, device=device)
+    boxes = torch.zeros(batch, group_gt, 4, device=device)
+    if empty:
+        boxes[:] = torch.tensor(DUMMY_BOX, device=device)
+    real = torch.zeros(batch, group_gt, dtype=torch.bool, device=device)
+    for i, (t, n) in enumerate(zip(targets, num_gts)):
+        labels[i, :n] = t["labels"].to(device)
+        boxes[i, :n] = t["boxes"].to(device=device, dtype=boxes.dtype)
+        real[i, :n] = True
+    labels = labels.repeat(1, 2 * num_group)
+    boxes = boxes.repeat(1, 2 * num_group, 1)
+    real = real.repeat(1, 2 * num_group)
+    negative = torch.zeros(batch, 2 * group_gt, 1, device=device)
+    negative[:, group_gt:] = 1.0
+    negative = negative.repeat(1, num_group, 1)
+    positive_slots = real & (negative[..., 0] == 0)
+    slot_index = torch.arange(labels.shape[1], device=device)
+    dn_positive_idx = [slot_index[positive_slots[i]] for i in range(batch)]
+    if label_noise_ratio > 0:
+        flip = (torch.rand(labels.shape, device=device) < label_noise_ratio * 0.5) & real
+        labels = torch.where(flip, torch.randint_like(labels, 0, num_classes), labels)
+    if box_noise_scale > 0:
+        xyxy = box_cxcywh_to_xyxy(boxes)
+        half_size = boxes[..., 2:].repeat(1, 1, 2) * 0.5 * box_noise_scale
+        sign = torch.randint_like(boxes, 0, 2) * 2.0 - 1.0
+        magnitude = torch.rand_like(boxes) + negative
+        boxes = box_xyxy_to_cxcywh((xyxy + sign * magnitude * half_size).clamp(0.0, 1.0))
+    attn_mask = denoising_attn_mask(2 * group_gt, num_group, num_queries, device)
+    dn_meta = {"dn_positive_idx": dn_positive_idx, "dn_num_group": num_group,
+               "dn_num_split": [labels.shape[1], num_queries]}
+    return class_embed(labels), inverse_sigmoid(boxes), attn_mask, dn_meta
+
+
+@pytest.mark.parametrize("counts", [[2, 0, 3], [5, 1, 0, 4, 4], [0, 0], [1]])
+@pytest.mark.parametrize("noise", [(0.5, 1.0), (0.0, 0.0)])
+def test_denoising_group_equals_the_image_by_image_construction(counts, noise):
+    K = 6
+    embed = nn.Embedding(K + 1, 8, padding_idx=K)
+    targets = _targets(counts, K)
+    targets[0]["boxes"] = targets[0]["boxes"].double()  # cast to the query dtype as before
+    args = (targets, K, 5, embed, 12, *noise)
+    state = torch.get_rng_state()
+    got = contrastive_denoising_group(*args)
+    torch.set_rng_state(state)
+    want = _loop_denoising_group(*args)
+    for g, w in zip(got[:3], want[:3]):
+        assert torch.equal(g, w)
+    assert [p.tolist() for p in got[3]["dn_positive_idx"]] == \
+        [p.tolist() for p in want[3]["dn_positive_idx"]]
+    assert all(p.dtype == torch.int64 for p in got[3]["dn_positive_idx"])
+    assert {k: v for k, v in got[3].items() if k != "dn_positive_idx"} == \
+        {k: v for k, v in want[3].items() if k != "dn_positive_idx"}
 
 
 def test_denoising_box_noise_magnitudes():

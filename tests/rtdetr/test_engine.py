@@ -65,6 +65,15 @@ def make_trainer(tmp_path, name, **train):
     return Trainer(cfg, StandInDetector(), StandInCriterion(), None, train_set)
 
 
+def test_gradient_clipping_covers_every_model_parameter(tmp_path):
+    tr = make_trainer(tmp_path, "clip", clip_max_norm=0.01)
+    assert [id(p) for p in tr.clip_params] == [id(p) for p in tr.model.parameters()]
+    tr.train_step(*next(iter(tr.loader)))
+    grads = [p.grad for p in tr.model.parameters() if p.grad is not None]
+    assert len(grads) == len(list(tr.model.parameters()))
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 0.01 * (1 + 1e-5)
+
+
 def test_resume_mid_run_gives_the_same_losses(tmp_path):
     full = make_trainer(tmp_path, "full", epochs=2)
     full.fit()

@@ -112,3 +112,37 @@ def test_labels_and_boxes_on_different_devices():
     targets[0]["labels"] = targets[0]["labels"].to("meta")
     with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\] must be on the device of"):
         validate_targets(targets, num_classes=K)
+
+
+def test_a_bad_value_in_any_image_of_a_batch_is_found_and_named():
+    """Valid batches are checked in one pass over the concatenated targets; an error is still
+    reported for the first bad image and row, as an image-by-image check does."""
+    targets = valid_targets((3, 0, 2, 4))
+    targets[3]["labels"] = torch.tensor([0, 1, K, 2])
+    with pytest.raises(ValueError, match=r"targets\[3\]\['labels'\] .*got 5 at position 2"):
+        validate_targets(targets, num_classes=K)
+    targets = valid_targets((3, 0, 2, 4))
+    targets[2]["boxes"] = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.95, 0.5, 0.2, 0.2]])
+    with pytest.raises(ValueError, match=r"targets\[2\]\['boxes'\] .*inside the image.*row 1"):
+        validate_targets(targets, num_classes=K)
+
+
+def test_the_first_image_with_an_error_is_reported_whatever_its_kind():
+    """An earlier image's bad value comes before a later image's wrong type (image by image)."""
+    targets = valid_targets()
+    targets[0]["labels"] = torch.tensor([0, -1, 2])
+    targets[2]["boxes"] = targets[2]["boxes"].long()
+    with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\] must lie in"):
+        validate_targets(targets, num_classes=K)
+    targets[0]["labels"] = torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match=r"targets\[2\]\['boxes'\] must be a floating-point"):
+        validate_targets(targets, num_classes=K)
+
+
+def test_boxes_of_several_dtypes_are_checked_image_by_image():
+    targets = valid_targets()
+    targets[2]["boxes"] = targets[2]["boxes"].double()
+    validate_targets(targets, num_classes=K)
+    targets[2]["boxes"][1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"targets\[2\]\['boxes'\] .*finite values.*row 1"):
+        validate_targets(targets, num_classes=K)
