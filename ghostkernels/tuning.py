@@ -199,7 +199,10 @@ def summary(entries: list[TunedCall]) -> str:
 @contextlib.contextmanager
 def tuned_for(fn, *args, **kwargs) -> Iterator[list[TunedCall]]:
     """:func:`tune` on ``fn(*args, **kwargs)`` for the duration of the block (yields its
-    entries); afterwards the choices installed before it are back, as they were."""
+    entries); afterwards the choices installed before it are back, as they were. The installed
+    choices are process-wide (they apply to every thread's calls): two threads in ``tuned_for``
+    blocks at once see each other's choices and restore each other's state (a benchmark helper,
+    not for concurrent use)."""
     before = dict(backends._TUNED)
     clear()
     try:
