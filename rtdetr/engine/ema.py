@@ -39,20 +39,26 @@ class ModelEMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = self.current_decay()
-        src = unwrap(model).state_dict()
-        averaged, values = [], []
-        for name, ema_value in self.module.state_dict().items():
-            value = src[name].detach()
+        # keep_vars: the tensors themselves (state_dict() would detach all 2215 of the demo
+        # model's, twice per update); everything here runs under no_grad.
+        src = unwrap(model).state_dict(keep_vars=True)
+        averaged, values, copied, sources = [], [], [], []
+        for name, ema_value in self.module.state_dict(keep_vars=True).items():
+            value = src[name]
             if ema_value.dtype.is_floating_point:
                 averaged.append(ema_value)
-                values.append(value.to(ema_value.dtype))
+                values.append(value if value.dtype == ema_value.dtype
+                              else value.to(ema_value.dtype))
             else:
-                ema_value.copy_(value)
-        # The same mul_ and add_ per tensor, as one multi-tensor call each: a detector has
-        # thousands of small state tensors (2215 in the demo model), each op a launch on a GPU.
+                copied.append(ema_value)
+                sources.append(value)
+        # The same mul_, add_ and copy_ per tensor, as one multi-tensor call each: a detector has
+        # thousands of small state tensors, each op a launch on a GPU.
         if averaged:
             torch._foreach_mul_(averaged, d)
             torch._foreach_add_(averaged, values, alpha=1.0 - d)
+        if copied:
+            torch._foreach_copy_(copied, sources)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates,

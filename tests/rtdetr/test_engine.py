@@ -156,6 +156,7 @@ def test_ema_update_equals_the_per_tensor_formula_bitwise():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
             model[1].running_var.mul_(1.5)
+            model[1].num_batches_tracked.add_(step + 1)  # an integer buffer: copied
         before = {k: v.clone() for k, v in ema.module.state_dict().items()}
         ema.update(model)
         d = ema.current_decay()
@@ -164,6 +165,9 @@ def test_ema_update_equals_the_per_tensor_formula_bitwise():
             expect = before[k].mul(d).add_(src, alpha=1 - d) if v.dtype.is_floating_point \
                 else src
             assert torch.equal(v, expect), (step, k)
+        assert int(ema.module[1].num_batches_tracked) == sum(range(1, step + 2))
+        assert not any(p.requires_grad for p in ema.module.parameters())
+        assert all(p.requires_grad for p in model.parameters())
 
 
 def test_param_groups_and_warmup():
