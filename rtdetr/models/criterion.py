@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import distributed as dist
 from torch import nn
 
-from rtdetr.models.box_ops import (box_cxcywh_to_xyxy, paired_box_iou, paired_box_iou_and_giou,
-                                   paired_generalized_box_iou)
+from rtdetr.models.box_ops import box_cxcywh_to_xyxy, paired_box_iou_and_giou
 from rtdetr.models.matcher import HungarianMatcher, Indices
 
 # rtdetr_r18vd_6x_coco (spec §2.1): vfl 1, bbox 5, giou 2; VFL alpha 0.75, gamma 2.
@@ -106,19 +105,25 @@ def _varifocal(logits: torch.Tensor, pairs: MatchedPairs, iou: torch.Tensor, num
     return loss.sum() / num_boxes
 
 
-def pair_losses(logits: torch.Tensor, boxes: torch.Tensor, pairs: MatchedPairs,
-                num_boxes: float, alpha: float = 0.75,
-                gamma: float = 2.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(varifocal, L1, 1 - GIoU) of one output, as :func:`varifocal_loss` and
-    :func:`box_losses` compute them (the same values), with the matched boxes gathered and
-    converted once and one intersection/union giving both the IoU and the GIoU."""
+def _box_terms(boxes: torch.Tensor, pairs: MatchedPairs, num_boxes: float):
+    """(L1, 1 - GIoU, detached IoU of each pair) over the matched pairs, the sums divided by
+    ``num_boxes``: the matched boxes gathered and converted once, one intersection/union giving
+    both the IoU (the varifocal target) and the GIoU."""
     predicted = boxes[pairs.images, pairs.queries]
     gt_boxes = pairs.boxes.to(boxes.dtype)
     l1 = F.l1_loss(predicted, gt_boxes, reduction="none").sum() / num_boxes
     iou, giou = paired_box_iou_and_giou(box_cxcywh_to_xyxy(predicted),
                                         box_cxcywh_to_xyxy(gt_boxes))
-    vfl = _varifocal(logits, pairs, iou.detach(), num_boxes, alpha, gamma)
-    return vfl, l1, (1 - giou).sum() / num_boxes
+    return l1, (1 - giou).sum() / num_boxes, iou.detach()
+
+
+def pair_losses(logits: torch.Tensor, boxes: torch.Tensor, pairs: MatchedPairs,
+                num_boxes: float, alpha: float = 0.75,
+                gamma: float = 2.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(varifocal, L1, 1 - GIoU) of one output over its matched ``pairs`` (see
+    :func:`varifocal_loss` and :func:`box_losses`)."""
+    l1, giou, iou = _box_terms(boxes, pairs, num_boxes)
+    return _varifocal(logits, pairs, iou, num_boxes, alpha, gamma), l1, giou
 
 
 def varifocal_loss(logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict],
@@ -130,10 +135,7 @@ def varifocal_loss(logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict
     ground truth, every other target is 0; the weight is that IoU on positives and
     ``alpha * sigmoid(logit)^gamma`` (detached) on everything else."""
     pairs = matched_pairs(concat_targets(targets, logits.device), indices, logits.device)
-    with torch.no_grad():
-        iou = paired_box_iou(box_cxcywh_to_xyxy(boxes[pairs.images, pairs.queries]),
-                             box_cxcywh_to_xyxy(pairs.boxes.to(boxes.dtype)))
-    return _varifocal(logits, pairs, iou, num_boxes, alpha, gamma)
+    return pair_losses(logits, boxes, pairs, num_boxes, alpha, gamma)[0]
 
 
 def box_losses(boxes: torch.Tensor, targets: list[dict], indices: Indices,
@@ -141,11 +143,7 @@ def box_losses(boxes: torch.Tensor, targets: list[dict], indices: Indices,
     """(L1, 1 - GIoU) over the matched pairs, each summed and divided by ``num_boxes``. With no
     pairs both are 0 but still part of the graph (gradients are zeros, never missing)."""
     pairs = matched_pairs(concat_targets(targets, boxes.device), indices, boxes.device)
-    predicted = boxes[pairs.images, pairs.queries]
-    gt_boxes = pairs.boxes.to(boxes.dtype)
-    l1 = F.l1_loss(predicted, gt_boxes, reduction="none").sum() / num_boxes
-    giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(gt_boxes))
-    return l1, (1 - giou).sum() / num_boxes
+    return _box_terms(boxes, pairs, num_boxes)[:2]
 
 
 def denoising_indices(dn_meta: dict, targets: list[dict]) -> Indices:
