@@ -8,6 +8,7 @@ predicted boxes or scores (a model whose weights diverged) are an error, not a m
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 
 import torch
@@ -28,16 +29,25 @@ def load_coco_gt(ann_file: str):
 def coco_map(coco_gt, detections: list[dict]) -> dict:
     """COCO bbox metrics of ``detections`` ({image_id, category_id, bbox [x,y,w,h], score})."""
     from pycocotools.cocoeval import COCOeval
-    if not detections:
-        return {name: 0.0 for name in STAT_NAMES}
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(detections)
+        coco_dt = coco_gt.loadRes(detections) if detections else _no_results(coco_gt)
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     # pycocotools reports -1 where a size bucket has no ground truth; keep that visible as -1.
     return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+
+
+def _no_results(coco_gt):
+    """An empty result set on ``coco_gt``'s images (``loadRes`` fails on an empty list), so
+    no detections score like any others: 0 where there is ground truth, -1 where there is none."""
+    from pycocotools.coco import COCO
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": list(coco_gt.dataset.get("images", [])), "annotations": [],
+                       "categories": copy.deepcopy(coco_gt.dataset.get("categories", []))}
+    coco_dt.createIndex()
+    return coco_dt
 
 
 def to_coco_detections(results: list[dict], image_ids, label2category: dict) -> list[dict]:

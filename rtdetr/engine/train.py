@@ -163,7 +163,9 @@ class Trainer:
         barrier()
 
     def resume(self, path: str) -> None:
-        self.load_state_dict(load_checkpoint(path, map_location=self.device, resume=True))
+        # Onto the CPU: load_state_dict copies weights and optimizer state to their devices,
+        # and the RNG states must stay CPU tensors (on a GPU, torch.set_rng_state refuses them).
+        self.load_state_dict(load_checkpoint(path, map_location="cpu", resume=True))
 
     def eval_model(self):
         return self.ema.module if self.ema is not None else unwrap(self.model)
