@@ -11,12 +11,13 @@ numbers, has a non-positive size or lies outside its image (beyond ``box_toleran
 wholly past the border), a missing or unreadable image file. With ``skip_invalid_boxes=True`` bad
 boxes are instead dropped and logged (one warning per box, naming the file and the annotation id).
 Boxes that overshoot the border by at most ``box_tolerance`` pixels are clamped to the image.
-16-bit images (16-bit grayscale PNG/TIFF) are scaled to 8 bits.
+16-bit images (16-bit grayscale PNG/TIFF) are scaled to 8 bits; 32-bit integer or float images
+(PIL modes ``I``, ``F``) are an error. Image ids must be ints.
 
 A sample is ``(image, target)``: ``image`` a ``tv_tensors.Image`` (uint8, CHW, RGB) and ``target`` a
 dict with ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY pixels), ``labels`` (int64), ``image_id``
-(int) and ``orig_size`` (int64 ``[w, h]``), before ``transforms`` (see :mod:`rtdetr.data.transforms`)
-turn it into a float image in [0, 1] and normalised cxcywh boxes.
+(int) and ``orig_size`` (int64 ``[w, h]``), before ``transforms`` (see
+:mod:`rtdetr.data.transforms`) turn it into a float image in [0, 1] and normalised cxcywh boxes.
 """
 from __future__ import annotations
 
@@ -70,6 +71,15 @@ def load_coco_json(ann_file: str) -> dict:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise DatasetError(f"{ann_file}: images[{i}] (id {img['id']}) has {key} "
                                    f"{v!r}, expected a positive int")
+        v = img["id"]
+        if isinstance(v, float) and v.is_integer():
+            img["id"] = v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            # targets, evaluation and the batch collator use int(image_id): 1.5 would become 1
+            raise DatasetError(f"{ann_file}: images[{i}] has id {v!r}, expected an int")
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise DatasetError(f"{ann_file}: images[{i}] (id {v}) has file_name "
+                               f"{img['file_name']!r}, expected a non-empty string")
         if img["id"] in seen_ids:
             raise DatasetError(f"{ann_file}: images[{i}] repeats image id {img['id']} of "
                                f"images[{seen_ids[img['id']]}]")
@@ -88,18 +98,33 @@ def load_coco_json(ann_file: str) -> dict:
 def to_rgb(im: Image.Image) -> Image.Image:
     """``im`` as 8-bit RGB. 16-bit images (modes ``I;16*``, e.g. 16-bit grayscale PNG or TIFF) are
     scaled to 8 bits (``v / 257``) first: PIL's own ``convert("RGB")`` clips them at 255, which
-    turns almost every pixel white."""
-    if im.mode.startswith("I;16"):
+    turns almost every pixel white. A mode ``I`` PNG is the same 16-bit data (older Pillow releases
+    opened 16-bit grayscale PNGs as ``I``; PNG holds at most 16 bits). Other 32-bit integer or
+    float images (modes ``I``, ``F``, e.g. from TIFF) have no known range (a float image in [0, 1]
+    would come out black): a ValueError."""
+    sixteen_bit = im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
+    if im.mode in ("I", "F") and not sixteen_bit:
+        kind = "integer" if im.mode == "I" else "float"
+        raise ValueError(f"image mode {im.mode!r} (32-bit {kind}) is not supported: expected an "
+                         f"8-bit (RGB, L, RGBA, P, ...) or 16-bit (I;16) image")
+    if sixteen_bit:
         a = np.asarray(im).astype(np.float32) / 257.0
         im = Image.fromarray(np.rint(a).clip(0, 255).astype(np.uint8), "L")
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def open_rgb(path: str) -> Image.Image:
-    """Read an image file fully, as 8-bit RGB (see :func:`to_rgb`)."""
+def _read_rgb(path: str) -> Image.Image:
     with Image.open(path) as im:
         im.load()
         return to_rgb(im)
+
+
+def open_rgb(path: str) -> Image.Image:
+    """Read an image file fully, as 8-bit RGB (see :func:`to_rgb`)."""
+    try:
+        return _read_rgb(path)
+    except ValueError as exc:  # an unsupported image mode: name the file
+        raise ValueError(f"{path}: {exc}") from None
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -177,8 +202,8 @@ class CocoDetection(torch.utils.data.Dataset):
             raise FileNotFoundError(f"image file not found: {path} (image id {image_id} in "
                                     f"{self.ann_file})")
         try:
-            im = open_rgb(path)
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            im = _read_rgb(path)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DatasetError(f"cannot read image {path} (image id {image_id}): {exc}") from None
         expected = (self.images[index]["width"], self.images[index]["height"])
         if im.size != expected:

@@ -135,6 +135,11 @@ def generate_shapes_dataset(root: str, num_train: int = 800, num_val: int = 100,
         raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
     if not 0 < min_frac <= max_frac <= 1:
         raise ValueError(f"need 0 < min_frac <= max_frac <= 1, got {min_frac}, {max_frac}")
+    if isinstance(max_objects, bool) or not isinstance(max_objects, int) or max_objects < 1:
+        raise ValueError(f"max_objects must be an int >= 1, got {max_objects!r}")
+    for name, v in (("empty_fraction", empty_fraction), ("max_overlap_iou", max_overlap_iou)):
+        if not 0 <= v <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {v!r}")
     params = dict(num_train=num_train, num_val=num_val, image_size=image_size,
                   num_classes=num_classes, seed=seed, max_objects=max_objects,
                   empty_fraction=empty_fraction, min_frac=min_frac, max_frac=max_frac,
@@ -146,8 +151,10 @@ def generate_shapes_dataset(root: str, num_train: int = 800, num_val: int = 100,
     meta_file = os.path.join(root, "meta.json")
     if os.path.isfile(meta_file):
         with open(meta_file, encoding="utf-8") as f:
-            if json.load(f) == params and all(os.path.isfile(paths[s][1]) for s in ("train", "val")):
-                return paths
+            same = json.load(f) == params
+        if same and all(os.path.isfile(paths[s][1]) for s in ("train", "val")):
+            return paths
+        os.remove(meta_file)  # stale: an interrupted rewrite must not pass for these files
     render_args = dict(size=image_size, num_classes=num_classes, max_objects=max_objects,
                        empty_fraction=empty_fraction, min_frac=min_frac, max_frac=max_frac,
                        max_overlap_iou=max_overlap_iou)

@@ -2,14 +2,18 @@
 
 Train: photometric distort (p 0.5) -> zoom-out (p 0.5) -> IoU crop (p 0.8) -> sanitize -> flip
 (p 0.5) -> resize to ``size x size`` (aspect not kept) -> float in [0, 1] -> sanitize -> boxes as
-normalised cxcywh. Val: resize -> float -> normalised cxcywh. From ``stop_epoch`` on, the three strong
-ops (distort, zoom-out, IoU crop) are skipped (the v2 policy).
+normalised cxcywh. Val: resize -> float -> normalised cxcywh. From ``stop_epoch`` on, the three
+strong ops (distort, zoom-out, IoU crop) are skipped (the v2 policy).
 
-Randomness is a pure function of ``(seed, epoch, sample index)``: every call runs under a forked
-torch RNG seeded from those three numbers, so a sample's augmentation does not depend on the order,
-the worker that loads it, or on whether the run was resumed from a checkpoint.
+Randomness is a pure function of ``(seed, epoch, sample index)``: every call with an index runs
+under a forked torch RNG seeded from those three numbers, so a sample's augmentation does not depend
+on the order, the worker that loads it, or on whether the run was resumed from a checkpoint. A call
+without an index draws from the global torch generator.
 """
 from __future__ import annotations
+
+import contextlib
+import operator
 
 import torch
 from torchvision import tv_tensors
@@ -18,7 +22,9 @@ from torchvision.transforms import v2
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample in one epoch."""
+    """A well-mixed 63-bit seed for one sample in one epoch. Integer-like arguments (NumPy ints,
+    e.g. from ``Subset(dataset, np.arange(n))``, 0-d int tensors) count as their int values."""
+    seed, epoch, index = (operator.index(v) for v in (seed, epoch, index))
     h = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB)
     h &= (1 << 64) - 1
     h ^= h >> 31
@@ -26,11 +32,16 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def to_model_target(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-    """uint8/float image + XYXY pixel boxes -> float image in [0, 1] + normalised cxcywh boxes."""
+    """uint8/float image + pixel boxes (XYXY, or ``tv_tensors.BoundingBoxes`` in any format) ->
+    float image in [0, 1] + normalised cxcywh boxes."""
     if image.dtype == torch.uint8:
         image = image.float() / 255.0
     h, w = image.shape[-2:]
-    boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+    boxes = target["boxes"]
+    if isinstance(boxes, tv_tensors.BoundingBoxes):  # v2 transforms keep the caller's format
+        boxes = v2.functional.convert_bounding_box_format(
+            boxes, new_format=tv_tensors.BoundingBoxFormat.XYXY)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     boxes = box_convert(boxes, "xyxy", "cxcywh") / torch.tensor([w, h, w, h], dtype=torch.float32)
     out = dict(target)
     out["boxes"] = boxes.as_subclass(torch.Tensor)
@@ -74,7 +85,10 @@ class DetectionTransforms:
         # and where CUDA is not initialised it queues a lazy seed call with a formatted stack
         # per device type: 0.1-0.5 ms a sample, ~3 ms of each batch the demo loads in its
         # training process.
-        with torch.random.fork_rng(devices=[]):
+        # Without an index the draws come from (and advance) the global generator: a fork would
+        # restore it after the call and give every call the same augmentation.
+        fork = torch.random.fork_rng(devices=[]) if index is not None else contextlib.nullcontext()
+        with fork:
             if index is not None:
                 torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
             if self.strong_enabled():
