@@ -18,13 +18,15 @@ def level_lists(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor
     """``spatial_shapes`` and ``level_start_index`` as Python lists, read from the device once per
     tensor version: repeated calls copy nothing, so a CUDA graph can capture the reference after
     one warm-up call (a device-to-host copy cannot be captured). Tracers (compile, export, fake
-    tensors) read the tensors directly."""
+    tensors) read the tensors directly, and so does every call with an inference tensor (made under
+    ``torch.inference_mode()``: it has no version counter to tell a changed table)."""
     def read():
         return ([(int(h), int(w)) for h, w in spatial_shapes.tolist()],
                 [int(s) for s in level_start_index.tolist()])
 
     plain = type(spatial_shapes) is torch.Tensor and type(level_start_index) is torch.Tensor
-    if not plain or torch.compiler.is_compiling():
+    if not plain or torch.compiler.is_compiling() or spatial_shapes.is_inference() \
+            or level_start_index.is_inference():
         return read()
     key = (spatial_shapes.data_ptr(), spatial_shapes._version, tuple(spatial_shapes.shape),
            spatial_shapes.device, level_start_index.data_ptr(), level_start_index._version,
