@@ -36,7 +36,11 @@ def box_area(boxes: torch.Tensor) -> torch.Tensor:
 def inverse_sigmoid(x: torch.Tensor, eps: float = INVERSE_SIGMOID_EPS) -> torch.Tensor:
     """``log(x / (1 - x))`` with x clipped to [0, 1] and both sides clipped below at ``eps``.
 
-    0 and 1 map to ``-log(1/eps)`` and ``+log(1/eps)`` (about -/+11.51 for eps=1e-5)."""
+    0 and 1 map to ``-log(1/eps)`` and ``+log(1/eps)`` (about -/+11.51 for eps=1e-5). float16
+    input is computed in float32 (``x / eps`` overflows float16's 65504 near 1) and returned in
+    float16."""
+    if x.dtype == torch.float16:
+        return inverse_sigmoid(x.float(), eps).to(torch.float16)
     x = x.clamp(min=0.0, max=1.0)
     return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
 

@@ -176,7 +176,15 @@ class RTDETRDecoder(nn.Module):
         return memory, shapes
 
     def _select_queries(self, memory: torch.Tensor, shapes):
-        anchors, valid_mask = self.anchors(shapes, memory.device, memory.dtype)
+        # Under autocast the anchors stay float32, as in the official model: the reference boxes
+        # and every refined box are then float32 (each box head's half-precision delta is added
+        # to a float32 logit); in float16 / bfloat16 they would round to ~0.3 / ~2.5 px at 640.
+        # A model converted to half precision (no autocast) stays in its own dtype.
+        autocast = torch.is_autocast_enabled(memory.device.type) \
+            and memory.dtype in (torch.float16, torch.bfloat16)
+        anchors, valid_mask = self.anchors(shapes, memory.device,
+                                           torch.float32 if autocast else memory.dtype)
+        valid_mask = valid_mask.to(memory.dtype)
         if memory.shape[1] < self.num_queries:
             raise ValueError(f"the input is too small for num_queries={self.num_queries}: its "
                              f"feature maps {shapes} hold only {memory.shape[1]} positions")

@@ -74,15 +74,21 @@ class HungarianMatcher(nn.Module):
         if len(targets) != batch_size:
             raise ValueError(f"targets must hold one dict per image ({batch_size}), "
                              f"got {len(targets)}")
-        sizes = [int(t["boxes"].shape[0]) for t in targets]
+        sizes = [_target_size(i, t) for i, t in enumerate(targets)]
         if sum(sizes) == 0:
             return empty_indices(batch_size)
         work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        num_classes = logits.shape[-1]
         labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
+        # Out-of-range labels are reported after the one host sync below; until then they are
+        # clamped, so that indexing never fails (a device assert on a GPU) nor wraps around (-1).
+        bad_labels = ((labels < 0) | (labels >= num_classes)).any()
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device, work)
         cost = self.cost_matrix(logits.flatten(0, 1).to(work), boxes.flatten(0, 1).to(work),
-                                labels, target_boxes)
-        cost = cost.view(batch_size, num_queries, -1).cpu()
+                                labels.clamp(0, num_classes - 1), target_boxes)
+        cost = cost.view(batch_size, num_queries, sum(sizes)).cpu()
+        if bool(bad_labels):
+            _raise_bad_labels(targets, num_classes)
         if not torch.isfinite(cost).all():
             raise ValueError("matching cost is not finite: pred_logits or pred_boxes contain "
                              "NaN/inf (or target boxes do)")
@@ -95,3 +101,26 @@ class HungarianMatcher(nn.Module):
             indices.append((torch.as_tensor(rows, dtype=torch.int64),
                             torch.as_tensor(cols, dtype=torch.int64)))
         return indices
+
+
+def _target_size(image: int, target: dict) -> int:
+    """Number of gts of ``targets[image]``, after checking that labels and boxes agree."""
+    labels, boxes = target["labels"], target["boxes"]
+    if labels.dim() != 1 or labels.dtype != torch.int64:
+        raise ValueError(f"targets[{image}]['labels'] must be an int64 tensor [n], got "
+                         f"{labels.dtype} of shape {tuple(labels.shape)}")
+    if boxes.dim() != 2 or boxes.shape[1] != 4 or boxes.shape[0] != labels.shape[0]:
+        raise ValueError(f"targets[{image}]['boxes'] must have shape [{labels.shape[0]}, 4] "
+                         f"(one cxcywh box per label), got {tuple(boxes.shape)}")
+    return int(boxes.shape[0])
+
+
+def _raise_bad_labels(targets: list[dict], num_classes: int) -> None:
+    for image, target in enumerate(targets):
+        labels = target["labels"].cpu()
+        bad = ((labels < 0) | (labels >= num_classes)).nonzero()
+        if len(bad):
+            row = int(bad[0, 0])
+            raise ValueError(f"targets[{image}]['labels'] must lie in [0, {num_classes}) "
+                             f"(num_classes = pred_logits.shape[-1]), got {int(labels[row])} "
+                             f"at position {row}")

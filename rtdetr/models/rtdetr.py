@@ -40,7 +40,7 @@ class RTDETR(nn.Module):
         if self.training and targets is not None:
             validate_targets(targets, self.num_classes, _batch_size(images),
                              extra_keys=TARGET_METADATA_KEYS)
-        _check_images(images)
+        _check_images(images, next(self.parameters(), None))
         return self.decoder(self.encoder(self.backbone(images)), targets)
 
     def deploy(self) -> "RTDETR":
@@ -55,7 +55,7 @@ def _batch_size(images) -> int | None:
     return images.shape[0] if isinstance(images, torch.Tensor) and images.dim() == 4 else None
 
 
-def _check_images(images) -> None:
+def _check_images(images, param: torch.Tensor | None = None) -> None:
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
     if images.dim() != 4 or images.shape[1] != 3:
@@ -63,3 +63,14 @@ def _check_images(images) -> None:
     if not images.is_floating_point():
         raise TypeError(f"images must be a floating-point tensor with values in [0, 1], "
                         f"got {images.dtype}")
+    if param is None:
+        return
+    if images.device != param.device:
+        raise ValueError(f"images must be on the model's device ({param.device}), "
+                         f"got {images.device}")
+    # Under autocast the convolutions cast their (not float64) inputs; otherwise a dtype
+    # mismatch fails deep inside the backbone without naming the images.
+    autocast = torch.is_autocast_enabled(images.device.type) and images.dtype != torch.float64
+    if images.dtype != param.dtype and not autocast:
+        raise TypeError(f"images must have the model's dtype ({param.dtype}; or run under "
+                        f"torch.autocast), got {images.dtype}")

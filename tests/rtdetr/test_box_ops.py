@@ -95,6 +95,17 @@ def test_inverse_sigmoid_matches_official_eps():
     torch.testing.assert_close(inverse_sigmoid(inside).sigmoid(), inside)
 
 
+def test_inverse_sigmoid_float16_is_finite_at_and_near_one():
+    """x / eps overflowed float16 (1 / 1e-5 > 65504): 1.0 gave +inf, and a half-precision decoder
+    reference that rounded to 1.0 stayed pinned there for every later layer."""
+    x = torch.tensor([0.0, 1e-6, 0.5, 0.9999, 1.0, 1.5], dtype=torch.float16, requires_grad=True)
+    out = inverse_sigmoid(x)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, inverse_sigmoid(x.detach().float()).half())
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.sigmoid(inverse_sigmoid(torch.ones(1, dtype=torch.float16)) - 5.0) < 1
+
 def test_bad_inputs_raise():
     good = random_xyxy(3)
     with pytest.raises(ValueError, match=r"a must have shape \[N, 4\].*\(3, 5\)"):

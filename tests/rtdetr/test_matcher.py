@@ -116,3 +116,26 @@ def test_bad_arguments_raise():
         HungarianMatcher()(outputs, targets[:1])
     with pytest.raises(ValueError, match="at least one non-zero cost"):
         HungarianMatcher(cost_class=0, cost_bbox=0, cost_giou=0)
+
+
+@pytest.mark.parametrize("label", [-1, 3, 7])
+def test_out_of_range_labels_raise_naming_image_and_value(label):
+    """-1 used to index the last class silently (a wrong matching, and a wrong loss in the
+    criterion), 3 == num_classes an IndexError (a device assert on a GPU)."""
+    outputs, targets = random_case((2, 3), num_queries=4, num_classes=3)
+    targets[1]["labels"][2] = label
+    with pytest.raises(ValueError, match=rf"targets\[1\]\['labels'\] must lie in \[0, 3\).*"
+                                         rf"got {label} at position 2"):
+        HungarianMatcher()(outputs, targets)
+
+
+def test_labels_and_boxes_that_disagree_raise():
+    """One label too many used to broadcast the [Q, 1] box costs against [Q, 2] class costs."""
+    outputs, targets = random_case((1, 0), num_queries=4)
+    targets[0]["labels"] = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\] must have shape \[2, 4\].*"
+                                         r"got \(1, 4\)"):
+        HungarianMatcher()(outputs, targets)
+    targets[0]["labels"] = torch.tensor([0.0])
+    with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\] must be an int64"):
+        HungarianMatcher()(outputs, targets)

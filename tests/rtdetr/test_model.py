@@ -90,6 +90,71 @@ def test_training_validates_targets_first():
         model(torch.rand(2, 1, 64, 64))
 
 
+def test_images_of_another_dtype_than_the_model_raise_naming_images():
+    """A float64 (or bfloat16) batch for a float32 model used to fail inside the backbone's first
+    conv ("expected scalar type Double but found Float"); under autocast it is fine."""
+    model, _, _ = tiny_model()
+    model.eval()
+    for dtype in (torch.float64, torch.bfloat16):
+        with pytest.raises(TypeError, match=rf"images must have the model's dtype "
+                                            rf"\(torch.float32.*got {dtype}"):
+            model(torch.rand(1, 3, 64, 64, dtype=dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(1, 3, 64, 64, dtype=torch.bfloat16))
+        assert torch.isfinite(out["pred_boxes"].float()).all()
+        with pytest.raises(TypeError, match="images must have the model's dtype"):
+            model(torch.rand(1, 3, 64, 64, dtype=torch.float64))  # autocast keeps float64
+    with torch.no_grad():
+        assert model.double()(torch.rand(1, 3, 64, 64, dtype=torch.float64))[
+            "pred_boxes"].dtype == torch.float64
+    with pytest.raises(ValueError, match=r"images must be on the model's device \(cpu\), "
+                                         r"got meta"):
+        model(torch.rand(1, 3, 64, 64, dtype=torch.float64, device="meta"))
+
+
+def test_inference_mode_eval_then_training_at_the_same_size():
+    """The per-size constants (anchors, level tables, position embedding) first built under
+    torch.inference_mode() were inference tensors: that forward failed in the deformable
+    attention ("Inference tensors do not track version counter"), and a later training step
+    at that size could not save them for backward."""
+    model, criterion, _ = tiny_model(frozen_backbone=True)
+    model.eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.inference_mode():
+        out = model(x)
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(out["pred_boxes"], ref["pred_boxes"])
+    model.train()
+    tg = targets([1, 2])
+    loss = sum(criterion(model(x, tg), tg).values())
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_boxes_stay_float32_under_autocast():
+    """As in the official model, the anchors are float32 under autocast, so the reference boxes
+    and each layer's refined boxes are float32 (half-precision deltas added to float32 logits);
+    they were bfloat16 here, ~2.5 px steps at 640. A half-precision model keeps its dtype."""
+    model, _, _ = tiny_model()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, targets([1, 2]))
+    boxes = [out["pred_boxes"], *(o["pred_boxes"] for o in out["aux_outputs"]),
+             out["enc_aux_outputs"][0]["pred_boxes"], *(o["pred_boxes"] for o in
+                                                       out.get("dn_aux_outputs", []))]
+    assert len(boxes) >= 3
+    for b in boxes:
+        assert b.dtype == torch.float32
+        # not merely bfloat16 values in a float32 tensor: most are off bfloat16's grid
+        assert (b.bfloat16().float() != b).float().mean() > 0.5
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x)["pred_boxes"].dtype == torch.float32
+    with torch.no_grad():
+        assert model.bfloat16()(x.bfloat16())["pred_boxes"].dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("size", [(64, 64), (96, 64), (64, 128)])
 def test_eval_at_sizes_other_than_training(size):
     model, _, post = tiny_model()
