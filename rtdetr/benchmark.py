@@ -171,7 +171,7 @@ def bench_model(key, batches, size, device, dtype, channels_last, modes, cpu_run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="rtdetr bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))

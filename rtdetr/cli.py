@@ -27,10 +27,32 @@ DEMO_THREADS = 1
 DEMO_TRAIN_BUDGET_S = 480.0
 
 
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0 (0: torch's default), got "
+                                         f"{text!r}")
+    return value
+
+
+def _score(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # scores are sigmoids; also rejects nan
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] (scores are "
+                                         f"probabilities), got {text!r}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
     p.add_argument("--config", default=default_config,
                    help="YAML file or built-in config name (rtdetr/configs/NAME.yaml)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=_threads, default=0,
                    help="torch CPU threads (0: torch's default; 1 is much faster on a busy CPU)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.epochs=2 data.image_size=320")
@@ -53,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image files or folders (in a folder: png, jpg, bmp, webp, tif, gif "
                         "files; not predict's own *.pred.png drawings)")
     p.add_argument("--output-dir", default="outputs/predict")
-    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--score-threshold", type=_score, default=0.5,
+                   help="keep detections scoring at least this, in [0, 1] (default 0.5)")
     for name, target in (("export", "rtdetr.export.main"), ("bench", "rtdetr.benchmark.main")):
         p = sub.add_parser(name, help=f"delegates to {target}")
         p.add_argument("args", nargs="*", help=f"passed on to {target} (options included)")
@@ -111,7 +134,9 @@ def _image_files(paths) -> list[str]:
         elif os.path.isfile(p):
             files.append(p)
         else:
-            raise FileNotFoundError(f"--images: no such file or folder: {p}")
+            hint = (" (a key=value override? --images takes every word after it: put the "
+                    "overrides before --images)") if "=" in p else ""
+            raise FileNotFoundError(f"--images: no such file or folder: {p}{hint}")
     if not files:
         raise ValueError(f"--images: no image files found in {list(paths)}")
     return files
@@ -144,7 +169,12 @@ def predict_images(model, postprocessor, files, image_size: int, device, class_n
     label2category = {int(k): int(v) for k, v in (label2category or {}).items()}
     results, taken = [], set()
     for path in files:
-        im = open_rgb(path)
+        try:
+            im = open_rgb(path)
+        except OSError as exc:  # PIL's errors do not always name the file ("image file is
+            if path in str(exc):  # truncated"): with a folder of images, say which one
+                raise
+            raise OSError(f"cannot read image {path}: {exc}") from exc
         x = TF.to_dtype(TF.pil_to_tensor(im), torch.float32, scale=True)
         x = TF.resize(x, [image_size, image_size]).unsqueeze(0).to(device)
         out = postprocessor(model(x), torch.tensor([[im.width, im.height]], device=device))[0]
@@ -367,11 +397,20 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "expor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse; ``export`` and ``bench`` pass every argument they do not know on."""
+    """Parse; ``export`` and ``bench`` pass every argument on (``--help`` included: their own
+    parsers list their options). ``key=value`` overrides may come in several runs between
+    options (``train a=1 --resume x b=2``), which plain argparse rejects."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("export", "bench") and not {"-h", "--help"} & set(argv[1:2]):
+    if argv and argv[0] in ("export", "bench"):
         return argparse.Namespace(command=argv[0], args=argv[1:])
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

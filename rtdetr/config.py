@@ -160,6 +160,29 @@ def apply_override(cfg, key: str, raw: str):
     return cfg
 
 
+class _NoRepeatsLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key repeated in one mapping: PyYAML keeps the last one
+    silently, so a second ``train:`` section would drop every setting of the first."""
+
+
+def _mapping_without_repeats(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, typing.Hashable) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"found key {key!r} twice",
+                key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_NoRepeatsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _mapping_without_repeats)
+
+
 def resolve_config_path(name: str) -> str:
     if os.path.isfile(name):
         return name
@@ -179,7 +202,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> C
         path = resolve_config_path(path)
         try:
             with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
+                data = yaml.load(f, Loader=_NoRepeatsLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):

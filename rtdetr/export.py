@@ -160,7 +160,13 @@ def _load_model(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow another option (`--config c a=1 --output m.onnx b=2`)
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides += extra
     if len(args.image_size) not in (1, 2):
         raise SystemExit("--image-size takes H or H W")
     size = tuple(args.image_size) * (3 - len(args.image_size))

@@ -85,3 +85,21 @@ def test_values_at_the_edge_of_their_range_are_accepted():
     assert cfg.train.val_batch_size == cfg.train.batch_size == cfg.train.epochs == 1
     for device in ("auto", "cuda", "cuda:1", "cpu"):  # syntax only: no GPU needed to load
         assert load_config(None, [f"train.device={device}"]).train.device == device
+
+
+def test_repeated_key_in_file_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` section silently dropped every
+    setting of the first. Now an error naming the file and the key; YAML merge keys still work."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  epochs: 3\ndata:\n  image_size: 64\ntrain:\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"(?s)twice\.yaml.*found key 'train' twice"):
+        load_config(str(path))
+    path.write_text("train:\n  epochs: 3\n  epochs: 4\n")
+    with pytest.raises(ConfigError, match="found key 'epochs' twice"):
+        load_config(str(path))
+    path.write_text("model:\n  num_classes: 5\n  decoder: &dec {num_queries: 7, nhead: 4}\n"
+                    "  encoder: {nhead: 4}\ntrain: {epochs: 3, lr: 0.5}\n"
+                    "data: {<<: {image_size: 64, flip: false}, image_size: 96}\n")
+    cfg = load_config(str(path))
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.5 and cfg.model.decoder.num_queries == 7
+    assert cfg.data.image_size == 96 and cfg.data.flip is False

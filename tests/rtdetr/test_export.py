@@ -111,3 +111,24 @@ def test_command_line_writes_and_checks(tmp_path, capsys):
     assert out.is_file() and "onnxruntime vs PyTorch" in text
     diffs = [float(part.split()[-1]) for part in text.split("PyTorch: ")[1].split(",")]
     assert diffs[2] < 1e-5  # scores (sorted, so a rank swap of near-equal scores is harmless)
+
+
+def test_command_line_overrides_may_follow_options(monkeypatch, tmp_path):
+    """`rtdetr export --config c a=1 --output m.onnx b=2`: both overrides reach the config
+    (argparse alone rejected the second run as unrecognized arguments); unknown options fail."""
+    import rtdetr.export as export
+    seen = {}
+
+    def fake_load(args):
+        seen["overrides"] = args.overrides
+        return tiny_detector()
+
+    monkeypatch.setattr(export, "_load_model", fake_load)
+    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: str(a[2]))
+    assert main(["model.num_classes=4", "--output", str(tmp_path / "m.onnx"),
+                 "model.postprocessor.num_top_queries=5", "--opset", "16",
+                 "train.device=cpu"]) == 0
+    assert seen["overrides"] == ["model.num_classes=4", "model.postprocessor.num_top_queries=5",
+                                 "train.device=cpu"]
+    with pytest.raises(SystemExit):
+        main(["a.b=1", "--output", "m.onnx", "--bogus"])

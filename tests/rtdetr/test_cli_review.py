@@ -1,0 +1,73 @@
+"""Command-line argument handling found wanting in review: overrides between options, --threads
+and --score-threshold ranges, `rtdetr export --help`, and image errors that name the file."""
+import pytest
+
+from rtdetr import cli
+
+
+def test_overrides_may_come_between_options():
+    """`rtdetr train a=1 --resume x b=2` takes both overrides (argparse alone rejected b=2 as an
+    unrecognized argument); unknown options are still errors."""
+    args = cli.parse_args(["train", "train.epochs=2", "--resume", "x.pth", "data.image_size=64",
+                           "--output-dir", "o", "train.lr=1e-3"])
+    assert args.overrides == ["train.epochs=2", "data.image_size=64", "train.lr=1e-3"]
+    assert args.resume == "x.pth" and args.output_dir == "o"
+    args = cli.parse_args(["predict", "--checkpoint", "c.pth", "train.device=cpu",
+                           "--output-dir", "o", "--images", "a.png"])
+    assert args.overrides == ["train.device=cpu"] and args.images == ["a.png"]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["train", "train.epochs=2", "--resume", "x.pth", "--bogus"])
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["train", "--threads", "-1"], "--threads"),
+    (["eval", "--checkpoint", "c.pth", "--threads", "two"], "--threads"),
+    (["predict", "--checkpoint", "c", "--images", "a", "--score-threshold", "50"],
+     "--score-threshold"),
+    (["predict", "--checkpoint", "c", "--images", "a", "--score-threshold", "nan"],
+     "--score-threshold"),
+])
+def test_out_of_range_options_are_usage_errors(capsys, argv, name):
+    """A negative --threads failed in torch.set_num_threads without naming the option; a score
+    threshold outside [0, 1] silently dropped every detection."""
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(argv)
+    assert info.value.code == 2 and f"argument {name}" in capsys.readouterr().err
+
+
+def test_valid_threads_and_threshold_are_accepted():
+    args = cli.parse_args(["predict", "--checkpoint", "c", "--images", "a", "--threads", "0",
+                           "--score-threshold", "1"])
+    assert args.threads == 0 and args.score_threshold == 1.0
+
+
+def test_export_help_lists_the_export_options(capsys):
+    """`rtdetr export --help` showed a stub ("args passed on to rtdetr.export.main"), not the
+    options of the export command."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["export", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    assert "--checkpoint" in out and "--opset" in out and "--image-size" in out
+
+
+def test_truncated_image_error_names_the_file(tmp_path):
+    """PIL says only "image file is truncated": predict on a folder must say which file."""
+    from PIL import Image
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(good)
+    bad = tmp_path / "bad.png"
+    raw = good.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(OSError, match="bad.png"):
+        cli.predict_images(None, None, [str(bad)], 64, "cpu", [], 0.5, str(tmp_path / "out"))
+    (tmp_path / "corrupt.png").write_bytes(b"not an image")
+    with pytest.raises(OSError, match="corrupt.png"):
+        cli.predict_images(None, None, [str(tmp_path / "corrupt.png")], 64, "cpu", [], 0.5,
+                           str(tmp_path / "out"))
+
+
+def test_override_swallowed_by_images_gets_a_hint(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="put the overrides before --images"):
+        cli._image_files([str(tmp_path / "a.png"), "train.device=cpu"])
