@@ -175,8 +175,9 @@ def predict_images(model, postprocessor, files, image_size: int, device, class_n
             if path in str(exc):  # truncated"): with a folder of images, say which one
                 raise
             raise OSError(f"cannot read image {path}: {exc}") from exc
-        x = TF.to_dtype(TF.pil_to_tensor(im), torch.float32, scale=True)
-        x = TF.resize(x, [image_size, image_size]).unsqueeze(0).to(device)
+        # as the evaluation transforms do: resize the 8-bit image, then scale to [0, 1]
+        x = TF.resize(TF.pil_to_tensor(im), [image_size, image_size])
+        x = TF.to_dtype(x, torch.float32, scale=True).unsqueeze(0).to(device)
         out = postprocessor(model(x), torch.tensor([[im.width, im.height]], device=device))[0]
         keep = out["scores"] >= score_threshold
         dets = [{"label": int(lab), "category_id": label2category.get(int(lab), int(lab)),

@@ -127,12 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint (EMA weights when present); omit for "
                                         "random weights (graph and speed checks)")
     p.add_argument("--output", default="rtdetr.onnx", help="the .onnx file to write")
-    p.add_argument("--image-size", type=int, nargs="+", default=[640],
-                   help="H [W] of the static input (default 640)")
+    p.add_argument("--image-size", type=int, nargs="+", default=None,
+                   help="H [W] of the static input (default: the config's data.image_size, "
+                        "which a checkpoint stores: the size the model was trained at)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension at 1")
     p.add_argument("--check", action="store_true",
-                   help="run the file in onnxruntime and compare with PyTorch on random images")
+                   help="run the file in onnxruntime and compare with PyTorch on random images: "
+                        "exit status 1 when they disagree")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -143,7 +145,7 @@ DEFAULT_CONFIG = "rtdetr_r18vd"
 def _load_model(args):
     """The model of ``--config`` (else the config the checkpoint was trained with, as ``rtdetr
     eval`` and ``predict`` do; else rtdetr_r18vd) plus the overrides, with the checkpoint's
-    weights (EMA when present)."""
+    weights (EMA when present): ``(model, postprocessor, the config's data.image_size)``."""
     from rtdetr.config import config_for_checkpoint
     from rtdetr.models.config import build_model
     state = None
@@ -156,7 +158,39 @@ def _load_model(args):
         model.load_state_dict(state["ema"]["module"] if state.get("ema") else state["model"])
     else:
         print("rtdetr export: no --checkpoint, exporting random weights", file=sys.stderr)
-    return model, postprocessor
+    return model, postprocessor, cfg.data.image_size
+
+
+def detection_mismatches(out, ref, tol: float = 1e-4, tie: float = 1e-4) -> list[str]:
+    """What differs between two ``(labels, boxes, scores)`` results of the same images (e.g.
+    onnxruntime's and PyTorch's); empty when they agree. Scores are sorted, so they must agree
+    elementwise (relative error of the whole tensor <= ``tol``); a label and box may differ only
+    where ``ref`` holds another detection of that image whose score is within ``tie`` (near-equal
+    scores may swap ranks between runtimes), with boxes within ``tol`` of the largest
+    coordinate."""
+    labels, boxes, scores = out
+    ref_labels, ref_boxes, ref_scores = ref
+    shapes = [tuple(t.shape) for t in out], [tuple(t.shape) for t in ref]
+    if shapes[0] != shapes[1]:
+        return [f"shapes differ: {shapes[0]} vs {shapes[1]}"]
+    if labels.dtype != torch.int64:
+        return [f"labels must be int64, got {labels.dtype}"]
+    scores, ref_scores = scores.double(), ref_scores.double()
+    boxes, ref_boxes = boxes.double(), ref_boxes.double()
+    problems = []
+    score_err = float((scores - ref_scores).norm() / ref_scores.norm().clamp_min(1e-30))
+    if not score_err <= tol:
+        problems.append(f"scores differ: relative error {score_err:.3g} > {tol:g}")
+    box_tol = tol * max(float(ref_boxes.abs().max()) if ref_boxes.numel() else 0.0, 1.0)
+    for b in range(labels.shape[0]):
+        for i in range(labels.shape[1]):
+            near = (ref_scores[b] - ref_scores[b, i]).abs() <= tie
+            same = (ref_labels[b] == labels[b, i]) & near & \
+                ((ref_boxes[b] - boxes[b, i]).abs().amax(-1) <= box_tol)
+            if not bool(same.any()):
+                problems.append(f"image {b} detection {i}: label {int(labels[b, i])}, box "
+                                f"{[round(float(v), 3) for v in boxes[b, i]]} has no match")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,10 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides += extra
-    if len(args.image_size) not in (1, 2):
+    if args.image_size is not None and len(args.image_size) not in (1, 2):
         raise SystemExit("--image-size takes H or H W")
-    size = tuple(args.image_size) * (3 - len(args.image_size))
-    model, postprocessor = _load_model(args)
+    model, postprocessor, trained_size = _load_model(args)
+    chosen = args.image_size or [trained_size]
+    size = tuple(chosen) * (3 - len(chosen))
     path = export_onnx(model, postprocessor, args.output, size, args.opset,
                        not args.static_batch)
     print(f"wrote {path} (opset {args.opset}, input {size[0]}x{size[1]}, "
@@ -185,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         names_diffs = [f"{n} max |diff| {(o.double() - r.double()).abs().max().item():.3g}"
                        for n, o, r in zip(OUTPUT_NAMES, out, ref)]
         print("onnxruntime vs PyTorch: " + ", ".join(names_diffs))
+        problems = detection_mismatches(out, ref)
+        if problems:
+            print(f"rtdetr export --check: the file disagrees with PyTorch ({len(problems)} "
+                  f"problems): " + "; ".join(problems[:5]), file=sys.stderr)
+            return 1
+        print("rtdetr export --check: the file agrees with PyTorch (label, box and score of "
+              "every detection)")
     return 0
 
 

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from rtdetr.export import detection_mismatches
 from rtdetr.models import build_model
-from tests.backend_params import rel_err as rel
 
 TINY_GHOST = {"num_classes": 4,
               "backbone": {"name": "ghostnetv3", "width": 0.5, "out_indices": [4, 6, 8]},
@@ -40,22 +40,10 @@ def tiny_detector():
 
 
 def assert_same_detections(out, ref, tol: float = 1e-5, tie: float = 1e-5) -> None:
-    """``out`` and ``ref`` are (labels, boxes, scores). Scores are sorted, so they must agree
-    elementwise; a label/box may differ only where ``ref`` holds another detection whose score
-    is within ``tie`` (two near-equal scores may swap ranks between runtimes)."""
-    labels, boxes, scores = out
-    ref_labels, ref_boxes, ref_scores = ref
-    assert labels.shape == ref_labels.shape and labels.dtype == torch.int64
-    assert boxes.shape == ref_boxes.shape and scores.shape == ref_scores.shape
-    assert rel(scores, ref_scores) < tol
-    box_scale = ref_boxes.abs().max().item()
-    for b in range(labels.shape[0]):
-        for i in range(labels.shape[1]):
-            near = (ref_scores[b] - ref_scores[b, i]).abs() <= tie
-            same = (ref_labels[b] == labels[b, i]) & \
-                ((ref_boxes[b] - boxes[b, i]).abs().amax(-1) <= tol * box_scale) & near
-            assert same.any(), (f"detection {i} of image {b}: label {labels[b, i].item()}, box "
-                                f"{boxes[b, i].tolist()} has no match in the reference")
+    """``out`` and ``ref`` are (labels, boxes, scores): they agree as
+    ``rtdetr.export.detection_mismatches`` defines it (tie-aware; tested on its own)."""
+    problems = detection_mismatches(out, ref, tol, tie)
+    assert not problems, problems[:5]
 
 
 @pytest.fixture(scope="module")

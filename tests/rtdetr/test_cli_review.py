@@ -1,6 +1,7 @@
 """Command-line argument handling found wanting in review: overrides between options, --threads
 and --score-threshold ranges, `rtdetr export --help`, and image errors that name the file."""
 import pytest
+import torch
 
 from rtdetr import cli
 
@@ -71,3 +72,32 @@ def test_override_swallowed_by_images_gets_a_hint(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="put the overrides before --images"):
         cli._image_files([str(tmp_path / "a.png"), "train.device=cpu"])
+
+
+def test_predict_feeds_the_model_what_evaluation_feeds_it(tmp_path):
+    """predict scaled to float before resizing, evaluation resizes the 8-bit image first: the
+    same picture reached the model up to ~1/255 apart. Now the inputs are identical."""
+    import numpy as np
+    from PIL import Image
+    from rtdetr.data import DetectionTransforms
+    from rtdetr.data.transforms import tv_tensors
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ())))
+    path = str(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(path)
+    seen = []
+
+    def model(x):
+        seen.append(x)
+        return {}
+
+    def postprocessor(outputs, sizes):
+        return [{"labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
+                 "boxes": torch.zeros(0, 4)}]
+
+    cli.predict_images(model, postprocessor, [path], 48, "cpu", [], 0.5, str(tmp_path / "out"))
+    image = tv_tensors.Image(torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1))
+    boxes = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(37, 53))
+    want, _ = DetectionTransforms(48, train=False)(image, {"boxes": boxes,
+                                                           "labels": torch.zeros(0).long()})
+    assert seen[0].shape == (1, 3, 48, 48)
+    assert torch.equal(seen[0][0], want)

@@ -109,8 +109,10 @@ def test_command_line_writes_and_checks(tmp_path, capsys):
                  "--check"]) == 0
     text = capsys.readouterr().out
     assert out.is_file() and "onnxruntime vs PyTorch" in text
-    diffs = [float(part.split()[-1]) for part in text.split("PyTorch: ")[1].split(",")]
+    line = next(x for x in text.splitlines() if x.startswith("onnxruntime vs PyTorch: "))
+    diffs = [float(part.split()[-1]) for part in line.split("PyTorch: ")[1].split(",")]
     assert diffs[2] < 1e-5  # scores (sorted, so a rank swap of near-equal scores is harmless)
+    assert "agrees with PyTorch" in text
 
 
 def test_command_line_overrides_may_follow_options(monkeypatch, tmp_path):
@@ -121,7 +123,7 @@ def test_command_line_overrides_may_follow_options(monkeypatch, tmp_path):
 
     def fake_load(args):
         seen["overrides"] = args.overrides
-        return tiny_detector()
+        return (*tiny_detector(), 640)
 
     monkeypatch.setattr(export, "_load_model", fake_load)
     monkeypatch.setattr(export, "export_onnx", lambda *a, **k: str(a[2]))
@@ -132,3 +134,57 @@ def test_command_line_overrides_may_follow_options(monkeypatch, tmp_path):
                                  "train.device=cpu"]
     with pytest.raises(SystemExit):
         main(["a.b=1", "--output", "m.onnx", "--bogus"])
+
+
+def test_detection_mismatches_is_tie_aware_and_catches_real_differences():
+    from rtdetr.export import detection_mismatches
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    scores = torch.rand(2, 6, generator=g).sort(-1, descending=True).values
+    scores[0, 2] = scores[0, 1] + 1e-6  # a near-tie: the two may swap ranks
+    labels = torch.randint(0, 4, (2, 6), generator=g)
+    boxes = torch.rand(2, 6, 4, generator=g) * 100
+    ref = (labels, boxes, scores)
+    assert detection_mismatches(ref, ref) == []
+    swapped = [t.clone() for t in ref]
+    for t in swapped[:2]:
+        t[0, [1, 2]] = t[0, [2, 1]]
+    assert detection_mismatches(swapped, ref) == []
+    moved = [t.clone() for t in ref]
+    moved[1][1, 3, 0] += 0.5
+    assert [p.split(":")[0] for p in detection_mismatches(moved, ref)] == ["image 1 detection 3"]
+    relabelled = [t.clone() for t in ref]
+    relabelled[0][1, 0] = (relabelled[0][1, 0] + 1) % 4
+    assert len(detection_mismatches(relabelled, ref)) == 1
+    drifted = [t.clone() for t in ref]
+    drifted[2][0, 5] += 0.01
+    assert detection_mismatches(drifted, ref)[0].startswith("scores differ")
+    assert detection_mismatches([t[:, :5] for t in ref], ref)[0].startswith("shapes differ")
+
+
+def test_command_line_check_fails_when_the_file_disagrees(monkeypatch, tmp_path, capsys):
+    """--check printed the differences and exited 0 whatever they were."""
+    import rtdetr.export as export
+    monkeypatch.setattr(export, "_load_model", lambda args: (*tiny_detector(), SIZE))
+    real = export.onnx_outputs
+
+    def wrong_boxes(*args, **kwargs):
+        labels, boxes, scores = real(*args, **kwargs)
+        return labels, boxes + 3.0, scores
+    assert main(["--output", str(tmp_path / "m.onnx"), "--check"]) == 0
+    assert "agrees with PyTorch" in capsys.readouterr().out
+    monkeypatch.setattr(export, "onnx_outputs", wrong_boxes)
+    assert main(["--output", str(tmp_path / "m.onnx"), "--check"]) == 1
+    assert "disagrees with PyTorch" in capsys.readouterr().err
+
+
+def test_command_line_exports_at_the_size_the_model_was_trained_at(monkeypatch, tmp_path):
+    """Without --image-size the file's input is the config's (a checkpoint's) data.image_size,
+    not always 640: a model trained at 96 px exported at 96 px, as predict runs it."""
+    import rtdetr.export as export
+    sizes = []
+    monkeypatch.setattr(export, "_load_model", lambda args: (*tiny_detector(), 96))
+    monkeypatch.setattr(export, "export_onnx",
+                        lambda model, post, path, size, *a: sizes.append(size) or str(path))
+    assert main(["--output", str(tmp_path / "m.onnx")]) == 0
+    assert main(["--output", str(tmp_path / "m.onnx"), "--image-size", "64", "128"]) == 0
+    assert sizes == [(96, 96), (64, 128)]

@@ -9,8 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ghostkernels import backend_for
 from rtdetr.runtime import CudaGraphDetector, EndToEndDetector, compile_detector
+from tests.backend_params import rel_err as rel
 from tests.rtdetr.detector_cases import (SIZE, assert_same_detections, one_thread,  # noqa: F401
-                                         rel, tiny_detector)
+                                         tiny_detector)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CUSTOM_OPS = {"ghostkernels.ghost_conv.default", "ghostkernels.depthwise_conv.default",
