@@ -143,7 +143,9 @@ class Trainer:
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        # else: a run without AMP (on the CPU) resumed with AMP on: the scaler starts afresh
         if self.ema is not None:
             if state.get("ema") is None:
                 raise ValueError("checkpoint has no EMA state but train.ema is true")
@@ -166,6 +168,21 @@ class Trainer:
         # Onto the CPU: load_state_dict copies weights and optimizer state to their devices,
         # and the RNG states must stay CPU tensors (on a GPU, torch.set_rng_state refuses them).
         self.load_state_dict(load_checkpoint(path, map_location="cpu", resume=True))
+        self._forget_metrics_after_checkpoint()
+
+    def _forget_metrics_after_checkpoint(self) -> None:
+        """Drop the metrics.jsonl lines logged after the resumed checkpoint's step (a run that
+        stopped after an evaluation but before its checkpoint would log that evaluation twice)."""
+        path = os.path.join(self.output_dir, "metrics.jsonl")
+        if not self.info.is_main or not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        keep = [line for line in lines if _logged_step(line) <= self.global_step]
+        if len(keep) < len(lines):
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(keep)
+            os.replace(path + ".tmp", path)
 
     def eval_model(self):
         return self.ema.module if self.ema is not None else unwrap(self.model)
@@ -282,3 +299,11 @@ class Trainer:
                                    for k, v in self.metrics.items()}}) + "\n")
         summary = ", ".join(f"{k} {v:.3f}" for k, v in self.metrics.items() if k.startswith("AP"))
         tqdm.write(f"[epoch {self.epoch} step {self.global_step}] {summary}")
+
+
+def _logged_step(line: str) -> float:
+    """The ``step`` of a metrics.jsonl line (-inf for a line that is not one: kept)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("-inf")

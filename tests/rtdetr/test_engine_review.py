@@ -191,3 +191,32 @@ def test_a_folder_given_as_checkpoint_is_named_as_a_folder(tmp_path):
     from rtdetr.engine.checkpoint import load_checkpoint
     with pytest.raises(IsADirectoryError, match="must be a file, got the folder"):
         load_checkpoint(str(tmp_path))
+
+
+def test_resume_forgets_metrics_logged_after_the_checkpoint(tmp_path):
+    """A run that stopped after an evaluation but before its checkpoint logged that evaluation;
+    the resumed run evaluates again: the line after the checkpoint's step must not stay twice."""
+    part = make_trainer(tmp_path, "part", epochs=2, max_steps=6)
+    part.fit()
+    resumed = make_trainer(tmp_path, "resumed", epochs=2)
+    os.makedirs(resumed.output_dir, exist_ok=True)
+    path = os.path.join(resumed.output_dir, "metrics.jsonl")
+    lines = [json.dumps({"epoch": 1, "step": 4, "AP": 0.1}), "not json",
+             json.dumps({"epoch": 2, "step": 6, "AP": 0.2}),
+             json.dumps({"epoch": 2, "step": 8, "AP": 0.3})]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    resumed.resume(part.checkpoint_path)
+    with open(path, encoding="utf-8") as f:
+        assert f.read().splitlines() == lines[:3]
+
+
+def test_a_run_without_amp_resumes_with_amp(tmp_path):
+    """A CPU run's checkpoint holds a disabled GradScaler's empty state; loading it into an
+    enabled scaler (the run resumed on a GPU with AMP) failed in GradScaler.load_state_dict."""
+    part = make_trainer(tmp_path, "part", epochs=2, max_steps=6)
+    part.fit()
+    resumed = make_trainer(tmp_path, "resumed", epochs=2)
+    resumed.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    resumed.resume(part.checkpoint_path)
+    assert resumed.global_step == 6 and resumed.scaler.get_scale() == 2.0 ** 16
