@@ -5,13 +5,15 @@ Values are type-checked against the dataclass annotations (ints accepted for flo
 lists and tuples, ``null`` for optional fields); an unknown key is an error that names the key, the
 section and the valid keys. Once loaded (overrides applied), values that would only fail later are
 checked (:func:`check_config`): counts below their minimum (``train.val_batch_size=0`` would
-otherwise fail only when evaluation starts, after all the training) and an unknown
+otherwise fail only when evaluation starts, after all the training), real values that are not
+finite or outside their range (``train.lr=nan``, ``train.ema_decay=1.5``) and an unknown
 ``train.device``. ``--config NAME`` resolves to ``rtdetr/configs/NAME.yaml`` when NAME is not a
 file.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -95,6 +97,16 @@ class Config:
 MIN_VALUES = {"train.epochs": 1, "train.batch_size": 1, "train.val_batch_size": 1,
               "train.num_workers": 0}
 DEVICES = "'auto', 'cpu', 'cuda' or 'cuda:N' (N: a GPU index)"
+# Finite real values and the range each accepts (nan and +-inf never pass): (range, test)
+FLOAT_RANGES = {
+    "train.lr": ("> 0", lambda v: v > 0),
+    "train.backbone_lr": (">= 0 (or null: train.lr)", lambda v: v is None or v >= 0),
+    "train.weight_decay": (">= 0", lambda v: v >= 0),
+    "train.lr_gamma": ("> 0", lambda v: v > 0),
+    "train.clip_max_norm": (">= 0 (0: no clipping)", lambda v: v >= 0),
+    "train.ema_decay": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "data.zoom_out_max": (">= 1", lambda v: v >= 1),
+}
 
 
 def check_device_name(name: str, key: str = "train.device") -> None:
@@ -115,6 +127,13 @@ def check_config(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), name)
         if value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value!r}")
+    for key, (accepted, ok) in FLOAT_RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not (value is None or math.isfinite(value)) or not ok(value):
+            raise ConfigError(f"{key} must be a finite number {accepted}, got {value!r}")
+    if not all(math.isfinite(b) and 0 <= b < 1 for b in cfg.train.betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {cfg.train.betas!r}")
     check_device_name(cfg.train.device)
     return cfg
 

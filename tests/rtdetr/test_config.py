@@ -103,3 +103,30 @@ def test_repeated_key_in_file_is_an_error(tmp_path):
     cfg = load_config(str(path))
     assert cfg.train.epochs == 3 and cfg.train.lr == 0.5 and cfg.model.decoder.num_queries == 7
     assert cfg.data.image_size == 96 and cfg.data.flip is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=nan", r"train\.lr must be a finite number > 0, got nan"),
+    ("train.lr=.inf", r"train\.lr must be a finite number > 0, got inf"),
+    ("train.lr=0", r"train\.lr must be a finite number > 0, got 0"),
+    ("train.backbone_lr=-1e-5", r"train\.backbone_lr must be a finite number >= 0"),
+    ("train.weight_decay=-0.1", r"train\.weight_decay must be a finite number >= 0"),
+    ("train.lr_gamma=0", r"train\.lr_gamma must be a finite number > 0"),
+    ("train.clip_max_norm=-1", r"train\.clip_max_norm must be a finite number >= 0"),
+    ("train.ema_decay=1", r"train\.ema_decay must be a finite number in \[0, 1\), got 1"),
+    ("train.betas=[0.9, 1.5]", r"train\.betas must be two numbers in \[0, 1\)"),
+    ("data.zoom_out_max=0.5", r"data\.zoom_out_max must be a finite number >= 1, got 0.5"),
+])
+def test_real_values_out_of_range_or_not_finite_are_rejected(override, message):
+    """train.lr=nan used to load and train to NaN weights; a decay of 1 freezes the EMA."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_real_values_in_range_are_accepted():
+    cfg = load_config(None, ["train.backbone_lr=null", "train.weight_decay=0",
+                             "train.clip_max_norm=0", "train.ema_decay=0", "train.betas=[0, 0.5]",
+                             "data.zoom_out_max=1"])
+    assert cfg.train.backbone_lr is None and cfg.train.ema_decay == 0.0
+    for name in ("demo", "rtdetr_r18vd", "rtdetr_ghostnetv3_100"):
+        load_config(name)
