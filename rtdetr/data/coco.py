@@ -92,6 +92,16 @@ def load_coco_json(ann_file: str) -> dict:
     for i, cat in enumerate(data["categories"]):
         if "id" not in cat:
             raise DatasetError(f"{ann_file}: categories[{i}] lacks 'id'")
+        v = cat["id"]
+        if isinstance(v, float) and v.is_integer():
+            cat["id"] = v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            # labels map to sorted ids, evaluation and predict report them as COCO's int ids
+            raise DatasetError(f"{ann_file}: categories[{i}] has id {v!r}, expected an int")
+    for i, ann in enumerate(data["annotations"]):
+        v = ann["category_id"]
+        if isinstance(v, float) and v.is_integer():
+            ann["category_id"] = int(v)
     return data
 
 

@@ -169,3 +169,25 @@ def test_a_mode_i_png_is_sixteen_bit_data():
     rgb = np.asarray(to_rgb(im))
     assert rgb.shape == (1, 4, 3) and rgb[..., 0].tolist() == [[0, 1, 255, 4]]
     assert (rgb == rgb[..., :1]).all()
+
+
+@pytest.mark.parametrize("bad", ["3", None, 2.5, True])
+def test_category_ids_must_be_ints(tmp_path, bad):
+    """A string category id trained, then failed in predict's int(); mixed int and str ids
+    failed with a bare TypeError while sorting."""
+    folder, ann = write_coco(str(tmp_path), [{"id": 1, "file_name": "a.png", "width": 8,
+                                              "height": 8}],
+                             categories=[{"id": 1, "name": "a"}, {"id": bad, "name": "b"}])
+    with pytest.raises(DatasetError, match=rf"categories\[1\] has id {bad!r}, expected an int"):
+        CocoDetection(folder, ann)
+
+
+def test_whole_float_category_ids_count_as_ints(tmp_path):
+    folder, ann = write_coco(
+        str(tmp_path), [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}],
+        annotations=[{"id": 1, "image_id": 1, "category_id": 7.0, "bbox": [1, 1, 4, 4]}],
+        categories=[{"id": 7.0, "name": "a"}, {"id": 2, "name": "b"}])
+    ds = CocoDetection(folder, ann)
+    assert ds.label2category == {0: 2, 1: 7}
+    assert all(type(c) is int for c in ds.label2category.values())
+    assert ds[0][1]["labels"].tolist() == [1]
