@@ -127,6 +127,10 @@ def generate_shapes_dataset(root: str, num_train: int = 800, num_val: int = 100,
                             max_overlap_iou: float = 0.3) -> dict:
     """Write the dataset under ``root`` and return its paths: ``{"train": (img_dir, ann_file),
     "val": (img_dir, ann_file), "classes": [...]}``."""
+    for name, v in (("num_train", num_train), ("num_val", num_val), ("image_size", image_size),
+                    ("num_classes", num_classes), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {v!r}")
     if not 1 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be in [1, {len(SHAPES)}], got {num_classes}")
     if image_size < 32:
@@ -150,8 +154,11 @@ def generate_shapes_dataset(root: str, num_train: int = 800, num_val: int = 100,
     paths["classes"] = list(SHAPES[:num_classes])
     meta_file = os.path.join(root, "meta.json")
     if os.path.isfile(meta_file):
-        with open(meta_file, encoding="utf-8") as f:
-            same = json.load(f) == params
+        try:
+            with open(meta_file, encoding="utf-8") as f:
+                same = json.load(f) == params
+        except ValueError:  # truncated or corrupt (a crash while writing it): regenerate
+            same = False
         if same and all(os.path.isfile(paths[s][1]) for s in ("train", "val")):
             return paths
         os.remove(meta_file)  # stale: an interrupted rewrite must not pass for these files
@@ -160,6 +167,7 @@ def generate_shapes_dataset(root: str, num_train: int = 800, num_val: int = 100,
                        max_overlap_iou=max_overlap_iou)
     _write_split(root, "train", num_train, seed, render_args)
     _write_split(root, "val", num_val, seed, render_args)
-    with open(meta_file, "w", encoding="utf-8") as f:
+    with open(meta_file + ".tmp", "w", encoding="utf-8") as f:
         json.dump(params, f)
+    os.replace(meta_file + ".tmp", meta_file)  # whole or absent
     return paths

@@ -191,3 +191,24 @@ def test_whole_float_category_ids_count_as_ints(tmp_path):
     assert ds.label2category == {0: 2, 1: 7}
     assert all(type(c) is int for c in ds.label2category.values())
     assert ds[0][1]["labels"].tolist() == [1]
+
+
+def test_generator_counts_must_be_ints(tmp_path):
+    """image_size=64.0 failed deep in NumPy with a bare TypeError."""
+    with pytest.raises(TypeError, match=r"image_size must be an int, got 64\.0"):
+        generate_shapes_dataset(str(tmp_path), image_size=64.0, num_train=2, num_val=1)
+    with pytest.raises(TypeError, match=r"num_train must be an int, got '3'"):
+        generate_shapes_dataset(str(tmp_path), num_train="3", num_val=1, image_size=32)
+
+
+def test_a_corrupt_meta_file_regenerates_the_dataset(tmp_path):
+    """A truncated meta.json (a crash while writing it) raised a JSONDecodeError forever."""
+    root = str(tmp_path)
+    paths = generate_shapes_dataset(root, seed=3, **ARGS)
+    want = open(paths["train"][1]).read()
+    with open(os.path.join(root, "meta.json"), "w") as f:
+        f.write('{"num_train": 3, "num_')
+    assert generate_shapes_dataset(root, seed=3, **ARGS) == paths
+    assert open(paths["train"][1]).read() == want
+    with open(os.path.join(root, "meta.json")) as f:
+        assert json.load(f)["seed"] == 3
