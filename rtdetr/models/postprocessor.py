@@ -78,6 +78,9 @@ class RTDETRPostProcessor(nn.Module):
         if orig_target_sizes.shape != (logits.shape[0], 2):
             raise ValueError(f"orig_target_sizes must have shape [{logits.shape[0]}, 2] "
                              f"as (w, h) per image, got {tuple(orig_target_sizes.shape)}")
+        if orig_target_sizes.device != boxes.device:
+            raise ValueError(f"orig_target_sizes must be on the outputs' device "
+                             f"({boxes.device}), got {orig_target_sizes.device}")
 
     @torch.no_grad()
     def forward(self, outputs: dict, orig_target_sizes: torch.Tensor):

@@ -133,6 +133,9 @@ def test_bad_arguments_raise():
         post(random_outputs(classes=4), torch.ones(2, 2))
     with pytest.raises(ValueError, match="pred_boxes must have shape"):
         post({**outputs, "pred_boxes": outputs["pred_boxes"][:, :2]}, torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"orig_target_sizes must be on the outputs' device "
+                                         r"\(cpu\), got meta"):
+        post(outputs, torch.ones(2, 2, device="meta"))
     with pytest.raises(ValueError, match=r"no entry for \[2\]"):
         RTDETRPostProcessor(num_classes=3, label_to_category={0: 1, 1: 2})
     with pytest.raises(ValueError, match="must list 3 category ids"):
