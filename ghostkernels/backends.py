@@ -399,5 +399,7 @@ def backend_for(op: str, device: torch.device | str, dtype: torch.dtype) -> str:
     """Public helper: which backend would run ``op`` now (for logs and benchmarks)."""
     if op not in _REGISTRY:  # select() would answer "reference" for any name
         raise ValueError(f"op must be one of {sorted(_REGISTRY)}, got {op!r}")
+    if not isinstance(dtype, torch.dtype):  # likewise for any dtype it does not know
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
     return select(op, torch.device(device), dtype)
 

@@ -158,8 +158,9 @@ def fused_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
 
 
 def conv_with(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    """A new biased ``nn.Conv2d`` with ``template``'s stride, padding, dilation and groups, and its
-    weight's memory format (a model converted to channels_last stays so when folded).
+    """A new biased ``nn.Conv2d`` with ``template``'s stride, padding (and padding_mode), dilation
+    and groups, and its weight's memory format (a model converted to channels_last stays so when
+    folded).
 
     ``weight`` must have the template's kernel size (pad smaller branch kernels first).
     """
@@ -169,7 +170,8 @@ def conv_with(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> 
                          f"{tuple(template.kernel_size)}, got {(kh, kw)}")
     conv = nn.Conv2d(in_per_group * template.groups, out_ch, (kh, kw), stride=template.stride,
                      padding=template.padding, dilation=template.dilation,
-                     groups=template.groups, bias=True, device=weight.device, dtype=weight.dtype)
+                     groups=template.groups, bias=True, padding_mode=template.padding_mode,
+                     device=weight.device, dtype=weight.dtype)
     if template.weight.is_contiguous(memory_format=torch.channels_last) \
             and not template.weight.is_contiguous():
         conv = conv.to(memory_format=torch.channels_last)

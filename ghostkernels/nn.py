@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from ghostkernels.checks import require_tensor
 from ghostkernels.ops.ms_deform_attn import ms_deform_attn_softmax
 
 
@@ -82,6 +83,11 @@ class MSDeformAttn(nn.Module):
         """query [N, Lq, C], reference_points [N, Lq, L|1, 2|4], input_flatten [N, S, C],
         input_spatial_shapes [L, 2], input_level_start_index [L], input_padding_mask [N, S]
         (True = padding) -> [N, Lq, C]."""
+        for name, t in (("query", query), ("reference_points", reference_points),
+                        ("input_flatten", input_flatten),
+                        ("input_spatial_shapes", input_spatial_shapes),
+                        ("input_level_start_index", input_level_start_index)):
+            require_tensor(name, t)
         if query.dim() != 3 or query.shape[-1] != self.d_model:
             raise ValueError(f"query must have shape [N, Lq, {self.d_model}], "
                              f"got {tuple(query.shape)}")
@@ -96,6 +102,7 @@ class MSDeformAttn(nn.Module):
         S = input_flatten.shape[1]
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
+            require_tensor("input_padding_mask", input_padding_mask)
             if input_padding_mask.shape != (N, S):
                 raise ValueError(f"input_padding_mask must have shape [{N}, {S}], "
                                  f"got {tuple(input_padding_mask.shape)}")

@@ -87,7 +87,9 @@ def _backward(ctx, grad_y):
     # execution only: under tracers (torch.compile, fake tensors) the reference formula's aten
     # ops are what gets traced. Chosen before the early return (see backends.check_forced).
     backward = reference.backward
-    if eager_safe((grad_y, x, weight, y)):
+    # Not under create_graph=True (grad mode on here): the kernel has no derivative of its own,
+    # the reference formula (aten ops) differentiates twice.
+    if eager_safe((grad_y, x, weight, y)) and not torch.is_grad_enabled():
         with backends.choosing(*ctx.choice):
             impl = backends.resolve(OP, x.device, x.dtype)
         backward = getattr(impl, "backward", backward)

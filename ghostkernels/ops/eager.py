@@ -70,3 +70,27 @@ class EagerOp:
                 return self.transformable.apply(*args)
             return self.function.apply(*args)
         return self.custom_op(*args)
+
+
+def not_twice_differentiable(grads, inputs, message: str) -> tuple:
+    """``grads`` (a backward's results, None where not needed) from a kernel that is not itself
+    differentiable. Under ``create_graph=True`` (grad mode on inside the backward) with any of
+    ``inputs`` (the grad outputs and saved tensors) requiring grad, each gradient gets a grad_fn,
+    linked to those inputs, that raises ``message`` if a double backward reaches it: it would
+    otherwise contribute nothing, silently (``torch.autograd.function.once_differentiable`` links
+    to nothing, so ``torch.autograd.grad(..., inputs)`` skips it)."""
+    linked = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not torch.is_grad_enabled() or not linked or not present:
+        return tuple(grads)
+    if torch._C._are_functorch_transforms_active() \
+            and (torch._C._functorch.maybe_current_level() or 0) > 1:
+        # Nested torch.func transforms (grad of grad): the node below would mark the innermost
+        # level only, and the outer one would see a kernel without a derivative (zeros).
+        raise RuntimeError(message)
+    err_fn = torch._C._functions.DelayedError(message.encode(), len(present) + len(linked))
+    wrapped = err_fn(*(grads[i].detach() for i in present), *linked)
+    out = list(grads)
+    for i, g in zip(present, wrapped):
+        out[i] = g
+    return tuple(out)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ghostkernels import backends
-from ghostkernels.ops.eager import EagerOp, eager_safe
+from ghostkernels.ops.eager import EagerOp, eager_safe, not_twice_differentiable
 from ghostkernels.reference.ms_deform_attn import ms_deform_attn_forward as reference_forward
 from ghostkernels.reference.ms_deform_attn import level_lists, softmax_over_points
 from ghostkernels.checks import (FLOATING, dtype_name, require_dim_size, require_dtype,
@@ -172,7 +172,17 @@ def _backward(ctx, grad_output):
     args = (grad_output, value, spatial_shapes, level_start_index, sampling_locations,
             attention_weights, ctx.softmax, deterministic, ctx.backend, ctx.preferred)
     backward_op = _ms_deform_attn_backward_impl if eager_safe(args) else _ms_deform_attn_backward
-    g_value, g_loc, g_attn = backward_op(*args)
+    grads = backward_op(*args)
+    if torch.is_grad_enabled():  # create_graph=True: a double backward may follow
+        with backends.choosing(ctx.backend, ctx.preferred):
+            backend = backends.select(OP, value.device, value.dtype)
+        if backend != "reference":  # the kernels' backward has no derivative of its own
+            grads = not_twice_differentiable(
+                grads, (grad_output, *ctx.saved_tensors),
+                f"ghostkernels.ms_deform_attn: the {backend} backend's backward is not "
+                "differentiable (a double backward, after create_graph=True); the reference "
+                "backend (use_backend('reference')) is twice differentiable")
+    g_value, g_loc, g_attn = grads
     needs = ctx.needs_input_grad
     return (g_value if needs[0] else None, None, None, g_loc if needs[3] else None,
             g_attn if needs[4] else None, None)

@@ -38,12 +38,17 @@ def backward(grad_y, tensors: dict, geometry: dict, needs: dict) -> dict:
     """Gradients of the tensors named in ``needs`` (those mapped to True), by differentiating
     :func:`forward` with autograd. ``tensors`` maps every name of ``TENSOR_ARGS`` to its tensor
     (or None); ``geometry`` holds forward's other arguments by name."""
+    # Grad mode on here: the caller's create_graph=True, so differentiate the tensors themselves
+    # and keep the graph (a double backward); else detached leaves.
+    create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        leaves = {name: (None if t is None else t.detach().requires_grad_(bool(needs.get(name))))
+        leaves = {name: (None if t is None else t if create_graph and t.requires_grad
+                         else t.detach().requires_grad_(bool(needs.get(name))))
                   for name, t in tensors.items()}
         y = forward(**leaves, **geometry)
         wanted = [name for name in TENSOR_ARGS if needs.get(name) and leaves[name] is not None]
         # allow_unused: w_cheap and b_cheap do not reach y when out_channels == C1 (zeros then)
         grads = torch.autograd.grad(y, [leaves[n] for n in wanted], grad_y.to(y.dtype),
-                                    allow_unused=True, materialize_grads=True)
+                                    allow_unused=True, materialize_grads=True,
+                                    create_graph=create_graph)
     return dict(zip(wanted, grads))

@@ -25,6 +25,9 @@ def level_lists(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor
                 [int(s) for s in level_start_index.tolist()])
 
     plain = type(spatial_shapes) is torch.Tensor and type(level_start_index) is torch.Tensor
+    # torch.func transforms wrap tensors (no storage: data_ptr() raises) under type torch.Tensor
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    plain = plain and not (wrapped(spatial_shapes) or wrapped(level_start_index))
     if not plain or torch.compiler.is_compiling() or spatial_shapes.is_inference() \
             or level_start_index.is_inference():
         return read()
