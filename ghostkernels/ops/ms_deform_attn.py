@@ -130,6 +130,12 @@ def _ms_deform_attn_backward_impl(grad_output: torch.Tensor, value: torch.Tensor
                 torch.empty_like(attention_weights))
     with backends.choosing(backend, preferred):  # before the early return: see check_forced
         impl = backends.resolve(OP, value.device, value.dtype)
+        if _functorch_wrapped(grad_output, value) and \
+                backends.select(OP, value.device, value.dtype) == "triton":
+            raise NotImplementedError(
+                "ghostkernels.ms_deform_attn: the triton backend's backward cannot run under "
+                "torch.func transforms (its launcher needs plain tensors); use the cuda, cpu or "
+                "reference backend there (ghostkernels.use_backend)")
     if grad_output.numel() == 0 or value.numel() == 0:
         return (torch.zeros_like(value), torch.zeros_like(sampling_locations),
                 torch.zeros_like(attention_weights))
@@ -144,6 +150,10 @@ def _ms_deform_attn_backward_impl(grad_output: torch.Tensor, value: torch.Tensor
                                            fixed_point_scale=scale)
     return (g_value.to(value.dtype), g_loc.to(sampling_locations.dtype),
             g_attn.to(attention_weights.dtype))
+
+
+def _functorch_wrapped(*tensors) -> bool:
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 _ms_deform_attn_backward = torch.library.custom_op(
