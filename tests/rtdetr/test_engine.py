@@ -327,11 +327,12 @@ def test_amp_training_steps_on_the_gpu_with_the_real_detector(tmp_path):
 
 
 def test_a_diverged_model_is_an_error_in_evaluation_not_a_meaningless_ap(tmp_path):
-    """One step at lr=inf leaves every weight non-finite; the loss check (before the update)
+    """One step at lr=1e38 leaves the weights non-finite or about to overflow (lr=inf itself is
+    now rejected by the config check); the loss check (before the update)
     cannot see it when that step is the last, so evaluation must: FloatingPointError naming the
     non-finite predictions and the likely cause, instead of an AP computed from NaN boxes."""
     trainer = real_detector_trainer(tmp_path, "diverged", with_val=True, device="cpu",
-                                    lr="inf", backbone_lr="inf", warmup_steps=0, epochs=1,
+                                    lr="1e38", backbone_lr="1e38", warmup_steps=0, epochs=1,
                                     max_steps=1)
     with pytest.raises(FloatingPointError, match=r"predicted \d+ non-finite boxes and \d+ "
                                                  r"non-finite scores .* on 2 of 2 images.*"
