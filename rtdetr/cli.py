@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtdetr", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a detector")
-    _add_common(p, "demo")
-    p.add_argument("--resume", help="checkpoint to resume from (exact resumption)")
+    _add_common(p)
+    p.set_defaults(config=None)  # demo; with --resume: the config stored in the checkpoint
+    p.add_argument("--resume", help="checkpoint to resume from (exact resumption; without "
+                                    "--config, with the config stored in it)")
     p.add_argument("--output-dir", help="where checkpoints and metrics go (train.output_dir)")
     p = sub.add_parser("eval", help="COCO mAP of a checkpoint on the validation split")
     _add_common(p)
@@ -108,11 +110,12 @@ def load_trained_model(checkpoint: str, cfg, device):
     re-parameterisable block and conv+BN folded; channels_last, which the convolutions of both
     oneDNN and cuDNN run faster), its postprocessor and the checkpoint dict."""
     from rtdetr.engine import load_checkpoint
+    from rtdetr.engine.checkpoint import load_model_weights
     from rtdetr.models.config import build_model
     state = load_checkpoint(checkpoint)
     model, _, postprocessor = build_model(cfg.model)
     weights = state["ema"]["module"] if state.get("ema") else state["model"]
-    model.load_state_dict(weights)
+    load_model_weights(model, weights, checkpoint, state, cfg.model)
     model = model.to(device).deploy().to(memory_format=torch.channels_last)
     return model, postprocessor, state
 
@@ -202,10 +205,15 @@ def predict_images(model, postprocessor, files, image_size: int, device, class_n
 # ------------------------------------------------------------------------------------ commands
 
 def cmd_train(args) -> int:
+    from rtdetr.config import load_config
     from rtdetr.engine import Trainer, build_datasets
     from rtdetr.engine.distributed import cleanup
     from rtdetr.models.config import build_model
-    cfg = _load(args)
+    if args.resume and args.config is None:  # the run's own config (its data, model, output)
+        from rtdetr.engine import load_checkpoint
+        cfg = _config_from_checkpoint(args, load_checkpoint(args.resume, resume=True))
+    else:
+        cfg = load_config(args.config or "demo", args.overrides)
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
     torch.manual_seed(cfg.train.seed)
@@ -217,7 +225,16 @@ def cmd_train(args) -> int:
         os.makedirs(trainer.output_dir, exist_ok=True)
         from rtdetr.config import dump_config
         dump_config(cfg, os.path.join(trainer.output_dir, "config.yaml"))
-    result = trainer.fit(resume=args.resume)
+    try:
+        result = trainer.fit(resume=args.resume)
+    except KeyboardInterrupt:
+        if trainer.info.is_main:
+            where = (f"continue from its last checkpoint with `rtdetr train --resume "
+                     f"{trainer.checkpoint_path}`" if os.path.isfile(trainer.checkpoint_path)
+                     else "no checkpoint was written yet")
+            print(f"\nrtdetr train: interrupted at epoch {trainer.epoch + 1}, step "
+                  f"{trainer.global_step}; {where}", file=sys.stderr)
+        return 130
     if trainer.info.is_main:
         print(_table({"steps": result["global_step"], "epochs": result["epoch"],
                       **{k: result["metrics"].get(k) for k in ("AP", "AP50", "AP75")},

@@ -155,7 +155,9 @@ def _load_model(args):
     cfg = config_for_checkpoint(args.config, args.overrides, state, default=DEFAULT_CONFIG)
     model, _, postprocessor = build_model(cfg.model)
     if state is not None:
-        model.load_state_dict(state["ema"]["module"] if state.get("ema") else state["model"])
+        from rtdetr.engine.checkpoint import load_model_weights
+        load_model_weights(model, state["ema"]["module"] if state.get("ema") else state["model"],
+                           args.checkpoint, state, cfg.model)
     else:
         print("rtdetr export: no --checkpoint, exporting random weights", file=sys.stderr)
     return model, postprocessor, cfg.data.image_size

@@ -6,9 +6,11 @@ or the new one, never a truncated one, and the temporary file is removed on fail
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import secrets
+import shutil
 
 import numpy as np
 import torch
@@ -27,10 +29,17 @@ def save_checkpoint(state: dict, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        if not isinstance(exc, (OSError, RuntimeError)):  # KeyboardInterrupt...: as they are
+            raise
+        # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected
+        # pos": say which file, and how much room is left there
+        free = shutil.disk_usage(folder).free / 2**20
+        hint = "" if isinstance(exc, PermissionError) else ": is the disk full?"
+        raise OSError(f"cannot write checkpoint {path} ({free:.1f} MiB free in {folder}{hint}): "
+                      f"{type(exc).__name__}: {exc}") from exc
 
 
 class CheckpointError(ValueError):
@@ -66,6 +75,41 @@ def load_checkpoint(path: str, map_location="cpu", resume: bool = False) -> dict
         raise CheckpointError(f"cannot resume from {path}: it lacks {missing} (not a checkpoint "
                               f"written by `rtdetr train`?)")
     return state
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        tree = dataclasses.asdict(tree)
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def load_model_weights(model, weights: dict, path: str, state: dict | None = None,
+                       model_cfg=None) -> None:
+    """``model.load_state_dict(weights)``, where the weights of another model (a checkpoint of
+    another config, or other ``model.*`` overrides) are a :class:`CheckpointError` naming the
+    file, the ``model.*`` settings that differ from the checkpoint's and the fix, instead of
+    PyTorch's list of every mismatched tensor."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        if "Error(s) in loading state_dict" not in str(exc):
+            raise
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        saved = ((state or {}).get("config") or {}).get("model")
+        diff = []
+        if saved is not None and model_cfg is not None:
+            old, new = _flat(saved, "model."), _flat(model_cfg, "model.")
+            diff = [f"{k}={new.get(k)!r} (checkpoint: {old.get(k)!r})"
+                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        what = (f"its model differs in {', '.join(diff[:6])}" + (", ..." if len(diff) > 6 else "")
+                if diff else f"{len(details)} mismatched tensors, e.g. {details[0][:200]}"
+                if details else str(exc)[:200])
+        raise CheckpointError(f"the weights in {path} do not fit this model ({what}): the "
+                              f"checkpoint was trained with another model config; omit --config "
+                              f"and model.* overrides to use the config stored in the "
+                              f"checkpoint") from None
 
 
 def capture_rng_state() -> dict:

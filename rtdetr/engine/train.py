@@ -17,14 +17,15 @@ import os
 import time
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rtdetr.config import check_config
 from rtdetr.data import (BatchCollator, CocoDetection, DatasetError, DetectionTransforms,
                          generate_shapes_dataset)
-from rtdetr.engine.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state,
-                                      save_checkpoint)
+from rtdetr.engine.checkpoint import (capture_rng_state, load_checkpoint, load_model_weights,
+                                      restore_rng_state, save_checkpoint)
 from rtdetr.engine.distributed import (ResumableSampler, all_gather_objects, all_reduce_mean,
                                        barrier, get_rank, init_distributed, wrap_model)
 from rtdetr.engine.ema import ModelEMA, unwrap
@@ -57,8 +58,39 @@ def build_datasets(data_cfg, seed: int = 0):
     val_tf = DetectionTransforms(d.image_size, train=False)
     train_set = CocoDetection(train_images, train_ann, train_tf, d.skip_invalid_boxes)
     val_set = CocoDetection(val_images, val_ann, val_tf, d.skip_invalid_boxes)
+    if d.dataset != "synthetic":  # now, not when the batch (the evaluation) that reads it comes
+        check_image_files(train_set, "data.train_images")
+        check_image_files(val_set, "data.val_images", headers=True)
     check_same_categories(val_set, train_set.label2category, f"the training set {train_ann}")
     return train_set, val_set
+
+
+def check_image_files(dataset, key: str, headers: bool = False) -> None:
+    """FileNotFoundError naming ``key`` unless every image file of ``dataset`` exists; with
+    ``headers``, a DatasetError unless each one's header reads and gives the size its JSON says
+    (the pixels are not decoded). A wrong ``data.val_images`` would otherwise fail only at the
+    evaluation after the whole training, before the last checkpoint is written."""
+    folder = dataset.img_folder
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{key}={folder}: no such folder (the images of "
+                                f"{dataset.ann_file})")
+    missing = [dataset.image_path(i) for i in range(len(dataset))
+               if not os.path.isfile(dataset.image_path(i))]
+    if missing:
+        raise FileNotFoundError(f"{key}={folder}: {len(missing)} of the {len(dataset)} image "
+                                f"files that {dataset.ann_file} lists are missing, e.g. "
+                                f"{missing[0]}")
+    for i in range(len(dataset) if headers else 0):
+        path, entry = dataset.image_path(i), dataset.images[i]
+        try:
+            with Image.open(path) as im:
+                size = im.size
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DatasetError(f"cannot read image {path} (image id {entry['id']}): "
+                               f"{exc}") from None
+        if size != (entry["width"], entry["height"]):
+            raise DatasetError(f"image {path} (image id {entry['id']}) is {size[0]}x{size[1]}, "
+                               f"but {dataset.ann_file} says {entry['width']}x{entry['height']}")
 
 
 def check_same_categories(dataset, label2category: dict, source: str) -> None:
@@ -139,8 +171,8 @@ class Trainer:
                 "class_names": list(getattr(self.train_set, "class_names", [])),
                 "label2category": dict(getattr(self.train_set, "label2category", {}))}
 
-    def load_state_dict(self, state: dict) -> None:
-        unwrap(self.model).load_state_dict(state["model"])
+    def load_state_dict(self, state: dict, path: str = "the checkpoint") -> None:
+        load_model_weights(unwrap(self.model), state["model"], path, state, self.cfg.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] or not self.scaler.is_enabled():
@@ -167,7 +199,7 @@ class Trainer:
     def resume(self, path: str) -> None:
         # Onto the CPU: load_state_dict copies weights and optimizer state to their devices,
         # and the RNG states must stay CPU tensors (on a GPU, torch.set_rng_state refuses them).
-        self.load_state_dict(load_checkpoint(path, map_location="cpu", resume=True))
+        self.load_state_dict(load_checkpoint(path, map_location="cpu", resume=True), path)
         self._forget_metrics_after_checkpoint()
 
     def _forget_metrics_after_checkpoint(self) -> None:
@@ -277,6 +309,11 @@ class Trainer:
         t = self.cfg.train
         if resume:
             self.resume(resume)
+            if self._done() and self.info.is_main:  # else a silent no-op that looks like a run
+                limit = f"train.max_steps={t.max_steps}" if t.max_steps > 0 and \
+                    self.global_step >= t.max_steps else f"train.epochs={t.epochs}"
+                tqdm.write(f"{resume} has done {self.epoch} epochs ({self.global_step} steps): "
+                           f"{limit} is reached, nothing to train (raise it to train on)")
         while not self._done():
             self.train_one_epoch()
             last = self._done()
