@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import sys
 import time
 
 import torch
@@ -216,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(rows, header, args.out, "detector", echo=False)
     backbone_budget(rows, MODELS["r18"][0], ISSUE7_FACTOR)  # with --breakdown and r18 only
     write_outputs(rows, header, args.out, "detector")
+    failed = [r for r in rows if math.isnan(r.ms)]
+    if failed:  # the table keeps their rows; a script sees the exit status
+        print(f"rtdetr bench: {len(failed)} of {len(rows)} rows failed, e.g. {failed[0].group} "
+              f"{failed[0].case} {failed[0].implementation}: {failed[0].note}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -294,8 +294,7 @@ def cmd_export(args) -> int:
 
 def cmd_bench(args) -> int:
     from rtdetr.benchmark import main as bench_main
-    bench_main(args.args)
-    return 0
+    return bench_main(args.args) or 0
 
 
 @torch.no_grad()

@@ -101,3 +101,12 @@ def test_predict_feeds_the_model_what_evaluation_feeds_it(tmp_path):
                                                            "labels": torch.zeros(0).long()})
     assert seen[0].shape == (1, 3, 48, 48)
     assert torch.equal(seen[0][0], want)
+
+
+def test_bench_exits_1_when_a_row_failed(capsys):
+    """A size too small for the model's queries fails every row: the table shows why, and the
+    exit status (was 0) says so to a script."""
+    assert cli.main(["bench", "--device", "cpu", "--models", "ghost100", "--size", "64",
+                     "--modes", "folded eager", "--quick", "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "rtdetr bench: 1 of 1 rows failed" in err and "num_queries" in err
