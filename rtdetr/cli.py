@@ -160,11 +160,14 @@ def _annotated_path(output_dir: str, path: str, taken: set) -> str:
 @torch.no_grad()
 def predict_images(model, postprocessor, files, image_size: int, device, class_names,
                    score_threshold: float, output_dir: str,
-                   label2category: dict | None = None) -> list[dict]:
+                   label2category: dict | None = None,
+                   unreadable: list | None = None) -> list[dict]:
     """Detect on each file; write ``<name>.pred.png`` (boxes, labels, scores drawn) and return
     the detections (xyxy pixels of the original image): ``label`` (contiguous, 0..K-1),
     ``category_id`` (the dataset's COCO category id, from ``label2category``; the label when
-    that is not given), ``name``, ``score``, ``box_xyxy``."""
+    that is not given), ``name``, ``score``, ``box_xyxy``. A file that cannot be read as an
+    image raises, or, given an ``unreadable`` list, is appended to it as ``(path, error)`` and
+    skipped (the other images' results are still written)."""
     from PIL import ImageDraw
     from torchvision.transforms.v2 import functional as TF
     from rtdetr.data.coco import open_rgb
@@ -174,9 +177,14 @@ def predict_images(model, postprocessor, files, image_size: int, device, class_n
     for path in files:
         try:
             im = open_rgb(path)
-        except OSError as exc:  # PIL's errors do not always name the file ("image file is
-            if path in str(exc):  # truncated"): with a folder of images, say which one
+        except (OSError, ValueError) as exc:
+            if unreadable is not None:
+                unreadable.append((path, f"{type(exc).__name__}: {exc}"))
+                continue
+            if path in str(exc) or not isinstance(exc, OSError):
                 raise
+            # PIL's errors do not always name the file ("image file is truncated"): with a
+            # folder of images, say which one
             raise OSError(f"cannot read image {path}: {exc}") from exc
         # as the evaluation transforms do: resize the 8-bit image, then scale to [0, 1]
         x = TF.resize(TF.pil_to_tensor(im), [image_size, image_size])
@@ -275,12 +283,15 @@ def cmd_predict(args) -> int:
     cfg = _config_from_checkpoint(args, load_checkpoint(args.checkpoint))
     device = resolve_device(cfg.train.device)
     model, postprocessor, state = load_trained_model(args.checkpoint, cfg, device)
+    unreadable = []
     results = predict_images(model, postprocessor, _image_files(args.images), cfg.data.image_size,
                              device, state.get("class_names", []), args.score_threshold,
-                             args.output_dir, state.get("label2category"))
+                             args.output_dir, state.get("label2category"), unreadable)
     n = sum(len(r["detections"]) for r in results)
     print(f"{n} detections in {len(results)} images -> {args.output_dir}/predictions.json")
-    return 0
+    for path, error in unreadable:
+        print(f"rtdetr predict: skipped {path}: {error}", file=sys.stderr)
+    return 1 if unreadable else 0
 
 
 def _exit_code(result) -> int:
@@ -294,7 +305,7 @@ def cmd_export(args) -> int:
 
 def cmd_bench(args) -> int:
     from rtdetr.benchmark import main as bench_main
-    return bench_main(args.args) or 0
+    return _exit_code(bench_main(args.args))
 
 
 @torch.no_grad()

@@ -110,3 +110,46 @@ def test_bench_exits_1_when_a_row_failed(capsys):
                      "--modes", "folded eager", "--quick", "--threads", "1"]) == 1
     err = capsys.readouterr().err
     assert "rtdetr bench: 1 of 1 rows failed" in err and "num_queries" in err
+
+
+def test_predict_skips_an_unreadable_image_and_keeps_the_others(tmp_path, monkeypatch, capsys):
+    """One corrupt file in a folder stopped predict: the images before it were drawn but no
+    predictions.json was written. Now it is skipped and named, the rest are written, exit 1."""
+    import json
+    import os
+    from PIL import Image
+    from rtdetr.config import load_config
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "c.png"):
+        Image.new("RGB", (20, 10), (200, 10, 10)).save(folder / name)
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+
+    def model(x):
+        return {}
+
+    def postprocessor(outputs, sizes):
+        return [{"labels": torch.tensor([0]), "scores": torch.tensor([0.9]),
+                 "boxes": torch.tensor([[1.0, 2.0, 5.0, 6.0]])}]
+
+    skipped = []
+    files = cli._image_files([str(folder)])
+    results = cli.predict_images(model, postprocessor, files, 32, "cpu", ["x"], 0.5,
+                                 str(tmp_path / "out"), None, skipped)
+    assert [os.path.basename(r["image"]) for r in results] == ["a.png", "c.png"]
+    assert [os.path.basename(p) for p, _ in skipped] == ["b.png"]
+    written = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [os.path.basename(r["image"]) for r in written] == ["a.png", "c.png"]
+    with pytest.raises(OSError, match="b.png"):  # without the list: an error, as before
+        cli.predict_images(model, postprocessor, files, 32, "cpu", ["x"], 0.5,
+                           str(tmp_path / "out2"))
+
+    monkeypatch.setattr(cli, "load_trained_model",
+                        lambda *a: (model, postprocessor, {"class_names": ["x"]}))
+    monkeypatch.setattr(cli, "_config_from_checkpoint",
+                        lambda args, state: load_config("demo", ["train.device=cpu"]))
+    import rtdetr.engine
+    monkeypatch.setattr(rtdetr.engine, "load_checkpoint", lambda path: {})
+    assert cli.main(["predict", "--checkpoint", "c.pth", "--output-dir", str(tmp_path / "o3"),
+                     "--images", str(folder)]) == 1
+    assert "rtdetr predict: skipped" in capsys.readouterr().err
