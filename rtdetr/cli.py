@@ -267,6 +267,9 @@ def cmd_eval(args) -> int:
     device = resolve_device(cfg.train.device)
     model, postprocessor, state = load_trained_model(args.checkpoint, cfg, device)
     _, val_set = build_datasets(cfg.data, cfg.train.seed)
+    if val_set is None:
+        raise ValueError("rtdetr eval needs a validation set: set data.val_images and "
+                         "data.val_annotations")
     check_same_categories(val_set, state.get("label2category") or {},
                           f"the checkpoint {args.checkpoint}")
     loader = DataLoader(val_set, batch_size=cfg.train.val_batch_size, collate_fn=BatchCollator(),
@@ -363,6 +366,9 @@ def cmd_demo(args) -> int:
         cfg.data.root = os.path.join(out, "shapes")
     torch.manual_seed(cfg.train.seed)
     train_set, val_set = build_datasets(cfg.data, cfg.train.seed)
+    if val_set is None:
+        raise ValueError("rtdetr demo evaluates on a held-out set: set data.val_images and "
+                         "data.val_annotations")
     _check_classes(cfg, train_set)
     data_s = time.perf_counter() - start
     model, criterion, postprocessor = build_model(cfg.model)

@@ -34,7 +34,9 @@ from rtdetr.engine.optim import build_optimizer, build_scheduler
 
 
 def build_datasets(data_cfg, seed: int = 0):
-    """(train_set, val_set) from a DataConfig; the synthetic dataset is generated if needed."""
+    """(train_set, val_set) from a DataConfig; the synthetic dataset is generated if needed.
+    COCO data without ``val_images`` and ``val_annotations`` (both empty) has no val set: None
+    (training then evaluates nothing)."""
     d = data_cfg
     if d.dataset == "synthetic":
         if get_rank() != 0:
@@ -49,14 +51,23 @@ def build_datasets(data_cfg, seed: int = 0):
     else:
         train_images, train_ann = d.train_images, d.train_annotations
         val_images, val_ann = d.val_images, d.val_annotations
-        for name in ("train_images", "train_annotations", "val_images", "val_annotations"):
+        for name in ("train_images", "train_annotations"):
             if not getattr(d, name):
                 raise ValueError(f"data.{name} must be set when data.dataset is 'coco'")
+        if bool(val_images) != bool(val_ann):
+            given, missing = (("val_images", "val_annotations") if val_images
+                              else ("val_annotations", "val_images"))
+            raise ValueError(f"data.{missing} must be set with data.{given} (or leave both "
+                             f"empty: no validation)")
     train_tf = DetectionTransforms(d.image_size, train=True, seed=seed, stop_epoch=d.stop_epoch,
                                    photometric=d.photometric, zoom_out=d.zoom_out,
                                    iou_crop=d.iou_crop, flip=d.flip, zoom_out_max=d.zoom_out_max)
     val_tf = DetectionTransforms(d.image_size, train=False)
     train_set = CocoDetection(train_images, train_ann, train_tf, d.skip_invalid_boxes)
+    if not val_ann:
+        if d.dataset != "synthetic":
+            check_image_files(train_set, "data.train_images")
+        return train_set, None
     val_set = CocoDetection(val_images, val_ann, val_tf, d.skip_invalid_boxes)
     if d.dataset != "synthetic":  # now, not when the batch (the evaluation) that reads it comes
         check_image_files(train_set, "data.train_images")

@@ -189,3 +189,23 @@ def test_ctrl_c_says_how_to_continue(trained, tmp_path, monkeypatch, capsys):
     assert f"interrupted at epoch 2, step 2; continue from its last checkpoint with `rtdetr " \
         f"train --resume {out / 'last.pth'}`" in err
     assert load_checkpoint(str(out / "last.pth"))["global_step"] == 2
+
+
+def test_coco_training_without_a_val_set(tmp_path):
+    """Both val paths empty: train without evaluation (it used to insist on all four paths);
+    one of the two alone is an error naming the other; eval and demo say they need one."""
+    ti, ta = write_coco(str(tmp_path), "train")
+    base = ["data.dataset=coco", f"data.train_images={ti}", f"data.train_annotations={ta}",
+            "model.num_classes=2"]
+    train_set, val_set = build_datasets(load_config("demo", base + TINY).data)
+    assert len(train_set) == 4 and val_set is None
+    for given, missing in (("val_images", "val_annotations"), ("val_annotations", "val_images")):
+        cfg = load_config("demo", base + TINY + [f"data.{given}={ti if 'images' in given else ta}"])
+        with pytest.raises(ValueError, match=rf"data\.{missing} must be set with data\.{given}"):
+            build_datasets(cfg.data)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--threads", "1", "--output-dir", str(out), "train.max_steps=1",
+                     "train.device=cpu"] + base + TINY) == 0
+    assert not (out / "metrics.jsonl").exists() and (out / "last.pth").is_file()
+    with pytest.raises(ValueError, match="rtdetr eval needs a validation set"):
+        cli.main(["eval", "--checkpoint", str(out / "last.pth")])
