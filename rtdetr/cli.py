@@ -447,11 +447,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# What a user's input can get wrong (paths, configs, data, checkpoints, values): on the command
+# line these print as one "rtdetr <command>: error: ..." line, exit status 2, no traceback
+USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``rtdetr`` command. Called without ``argv`` (the console script, ``python -m
+    rtdetr``), a :data:`USER_ERRORS` exception prints as one line (``RTDETR_TRACEBACK=1``: the
+    traceback too); called with ``argv`` (tests, scripts), it propagates."""
     args = parse_args(argv)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    return COMMANDS[args.command](args)
+    if argv is not None or os.environ.get("RTDETR_TRACEBACK") == "1":
+        return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"rtdetr {args.command}: error: {exc}\n(RTDETR_TRACEBACK=1 shows where it came "
+              f"from)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -153,3 +153,22 @@ def test_predict_skips_an_unreadable_image_and_keeps_the_others(tmp_path, monkey
     assert cli.main(["predict", "--checkpoint", "c.pth", "--output-dir", str(tmp_path / "o3"),
                      "--images", str(folder)]) == 1
     assert "rtdetr predict: skipped" in capsys.readouterr().err
+
+
+def test_console_errors_are_one_line_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """`rtdetr eval --checkpoint missing.pth` printed a 20-line traceback before the message;
+    from the console it is one line, exit 2 (RTDETR_TRACEBACK=1 keeps the traceback)."""
+    import sys
+    missing = str(tmp_path / "missing.pth")
+    monkeypatch.setattr(sys, "argv", ["rtdetr", "eval", "--checkpoint", missing])
+    monkeypatch.delenv("RTDETR_TRACEBACK", raising=False)
+    assert cli.main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rtdetr eval: error: checkpoint not found: {missing}")
+    assert "Traceback" not in err
+    monkeypatch.setenv("RTDETR_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        cli.main()
+    monkeypatch.delenv("RTDETR_TRACEBACK")
+    with pytest.raises(FileNotFoundError):  # with argv (scripts, tests): the exception
+        cli.main(["eval", "--checkpoint", missing])
