@@ -25,6 +25,20 @@ def _msda_inputs():
     return value, shapes, starts, away_from_pixel_boundaries(loc, shapes), weights
 
 
+def _grid_sample_differentiates_twice() -> bool:
+    """Whether this torch differentiates grid_sample's backward (2.14 does; 2.11, the GPU
+    machine's, does not: there the reference backend has no second derivative either)."""
+    x = torch.rand(1, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    grid = torch.rand(1, 1, 1, 2, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.nn.functional.grid_sample(
+        x, grid, align_corners=False).sum(), grid, create_graph=True)
+    try:
+        torch.autograd.grad(g.sum(), x)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _second_order(fn, tensors):
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     grads = torch.autograd.grad(fn(*leaves).square().sum(), leaves, create_graph=True)
@@ -45,10 +59,11 @@ def test_msda_double_backward_through_a_kernel_raises_rather_than_giving_zeros(p
         return op(v, shapes, starts, s, w)
 
     mode = _PassThrough() if path == "custom_op" else None
-    with ghostkernels.use_backend("reference"):
-        with mode or warnings.catch_warnings():
-            expected = _second_order(fn, (value, loc, weights))
-    assert all(g.abs().sum() > 0 for g in expected)
+    if _grid_sample_differentiates_twice():
+        with ghostkernels.use_backend("reference"):
+            with mode or warnings.catch_warnings():
+                expected = _second_order(fn, (value, loc, weights))
+        assert all(g.abs().sum() > 0 for g in expected)
     with ghostkernels.use_backend("cpu"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the custom op's "no autograd kernel" warning
         with pytest.raises(RuntimeError, match="ms_deform_attn.*not differentiable"):
@@ -75,13 +90,14 @@ def test_msda_nested_torch_func_grad():
         return torch.func.grad(inner)(s).square().sum()
 
     with ghostkernels.use_backend("reference"):
-        nested = torch.func.grad(outer)(loc)
         leaves = loc.detach().clone().requires_grad_()
         (g,) = torch.autograd.grad(inner(leaves), leaves, create_graph=True)
-        (expected,) = torch.autograd.grad(g.square().sum(), leaves)
-        torch.testing.assert_close(nested, expected, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(torch.func.grad(inner)(loc), g.detach(), rtol=1e-12,
                                    atol=1e-12)
+        if _grid_sample_differentiates_twice():
+            nested = torch.func.grad(outer)(loc)
+            (expected,) = torch.autograd.grad(g.square().sum(), leaves)
+            torch.testing.assert_close(nested, expected, rtol=1e-10, atol=1e-12)
     if ghostkernels.backends.availability("cpu", "cpu").available:
         with ghostkernels.use_backend("cpu"), pytest.raises(RuntimeError,
                                                             match="not differentiable"):

@@ -191,7 +191,8 @@ def _backward(ctx, grad_output):
                 grads, (grad_output, *ctx.saved_tensors),
                 f"ghostkernels.ms_deform_attn: the {backend} backend's backward is not "
                 "differentiable (a double backward, after create_graph=True); the reference "
-                "backend (use_backend('reference')) is twice differentiable")
+                "backend (use_backend('reference')) is, where PyTorch's grid_sample backward is "
+                "differentiable (torch 2.14: yes)")
     g_value, g_loc, g_attn = grads
     needs = ctx.needs_input_grad
     return (g_value if needs[0] else None, None, None, g_loc if needs[3] else None,
