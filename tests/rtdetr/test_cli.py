@@ -18,12 +18,7 @@ TINY = ["model.backbone.width=0.5", "model.encoder.hidden_dim=32", "model.encode
         "train.val_batch_size=2", "train.epochs=1", "train.max_steps=2", "train.progress=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def test_parsing():

@@ -17,12 +17,7 @@ from rtdetr.engine import (ModelEMA, Trainer, build_datasets, build_scheduler, c
 from rtdetr.engine.optim import build_optimizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 class StandInDetector(nn.Module):

@@ -13,12 +13,7 @@ from rtdetr.engine import STAT_NAMES, coco_map, evaluate, load_coco_gt, save_che
 from tests.rtdetr.test_engine import make_trainer, real_detector_trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def test_resume_loads_the_checkpoint_whatever_the_training_device(tmp_path, monkeypatch):

@@ -30,13 +30,7 @@ BLOCK_STRIDES = [2, 4, 4, 8, 8, 16, 16, 32, 32, 32]
 PARAMS_M = {0.5: (3.395, 2.853), 1.0: (8.129, 6.148), 1.3: (12.218, 8.948)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convs on a shared 2-core machine run much faster without intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def n_params(model: nn.Module) -> float:

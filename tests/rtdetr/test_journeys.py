@@ -49,12 +49,7 @@ def coco_overrides(root) -> list[str]:
             f"data.val_images={vi}", f"data.val_annotations={va}", "model.num_classes=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(scope="module")
