@@ -8,6 +8,7 @@ import torch
 
 from ghostkernels.backends import compiled_extension
 from ghostkernels.reference import depthwise_conv as reference
+from ghostkernels.reference.ghost_conv import output_memory_format
 
 
 def _ops():
@@ -27,6 +28,9 @@ def backward(grad_y, y, x, weight, kh: int, kw: int, stride: int, relu: bool,
     (cuDNN/ATen) for CUDA tensors, which have no backward kernel here."""
     if x.device.type != "cpu":
         return reference.backward(grad_y, y, x, weight, kh, kw, stride, relu, needs)
+    # x is the tensor autograd saved, as the caller passed it: it may be sliced, transposed or
+    # expanded, while the kernel takes x dense in NCHW or channels_last (the forward's layout).
+    x = x.contiguous(memory_format=output_memory_format(x))
     grads = _ops().depthwise_conv_backward(
         grad_y.to(x.dtype), x, weight.contiguous(), y if relu else None, int(kh), int(kw),
         int(stride), bool(needs[0]), bool(needs[1]), bool(needs[2]))

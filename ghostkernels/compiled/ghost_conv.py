@@ -18,6 +18,11 @@ def _ops():
 
 def forward(x, w_primary, b_primary, w_cheap, b_cheap, relu_primary: bool, relu_cheap: bool,
             out_channels: int, input_scale=None, gate=None, residual=None):
+    if x.is_contiguous():
+        # The kernels write y (and read gate and residual) in NCHW whenever x is NCHW-contiguous,
+        # also when x is channels_last as well (size-1 dims: Cin == 1, H == W == 1), where the op
+        # layer may have made gate and residual channels_last.
+        gate, residual = (None if t is None else t.contiguous() for t in (gate, residual))
     return _ops().ghost_conv_forward(x, w_primary, b_primary, w_cheap, b_cheap,
                                      bool(relu_primary), bool(relu_cheap), int(out_channels),
                                      input_scale, gate, residual)
