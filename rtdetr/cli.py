@@ -12,8 +12,10 @@ Every sub-command takes ``--config`` (a YAML file or a built-in name from ``rtde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -212,6 +214,28 @@ def predict_images(model, postprocessor, files, image_size: int, device, class_n
 
 # ------------------------------------------------------------------------------------ commands
 
+@contextlib.contextmanager
+def _stop_on_ctrl_c(trainer):
+    """The first Ctrl-C (SIGINT) asks ``trainer`` to stop after the current step with a
+    checkpoint (nothing of the epoch is lost); a second one interrupts at once."""
+    def request_stop(signum, frame):
+        trainer.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if trainer.info.is_main:
+            print("\nrtdetr train: stopping after this step, with a checkpoint (Ctrl-C again: "
+                  "stop at once)", file=sys.stderr, flush=True)
+
+    try:
+        previous = signal.signal(signal.SIGINT, request_stop)
+    except ValueError:  # not the main thread: Ctrl-C interrupts as usual
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def cmd_train(args) -> int:
     from rtdetr.config import load_config
     from rtdetr.engine import Trainer, build_datasets
@@ -234,7 +258,8 @@ def cmd_train(args) -> int:
         from rtdetr.config import dump_config
         dump_config(cfg, os.path.join(trainer.output_dir, "config.yaml"))
     try:
-        result = trainer.fit(resume=args.resume)
+        with _stop_on_ctrl_c(trainer):
+            result = trainer.fit(resume=args.resume)
     except KeyboardInterrupt:
         if trainer.info.is_main:
             where = (f"continue from its last checkpoint with `rtdetr train --resume "

@@ -89,6 +89,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
+def any_rank(flag: bool, device) -> bool:
+    """True when ``flag`` is true on any process (every process must call it)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def all_gather_objects(obj) -> list:
     if not is_distributed():
         return [obj]

@@ -27,7 +27,7 @@ from rtdetr.data import (BatchCollator, CocoDetection, DatasetError, DetectionTr
 from rtdetr.engine.checkpoint import (capture_rng_state, load_checkpoint, load_model_weights,
                                       restore_rng_state, save_checkpoint)
 from rtdetr.engine.distributed import (ResumableSampler, all_gather_objects, all_reduce_mean,
-                                       barrier, get_rank, init_distributed, wrap_model)
+                                       any_rank, barrier, get_rank, init_distributed, wrap_model)
 from rtdetr.engine.ema import ModelEMA, unwrap
 from rtdetr.engine.evaluate import evaluate
 from rtdetr.engine.optim import build_optimizer, build_scheduler
@@ -129,6 +129,10 @@ def _fp32(outputs):
     return outputs
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """:attr:`Trainer.stop_requested` stopped the run between two steps, after a checkpoint."""
+
+
 class Trainer:
     def __init__(self, cfg, model, criterion, postprocessor, train_set, val_set=None,
                  output_dir: str | None = None):
@@ -164,6 +168,9 @@ class Trainer:
         self.epoch = self.global_step = self.step_in_epoch = 0
         self.losses: list[float] = []
         self.metrics: dict = {}
+        # Set (e.g. by `rtdetr train`'s Ctrl-C handler) to stop after the current step with a
+        # checkpoint: TrainingStopped, resumable where it stopped (on any rank: all stop)
+        self.stop_requested = False
 
     # ------------------------------------------------------------------------------ state
     @property
@@ -294,6 +301,11 @@ class Trainer:
                             img_s=f"{ips:.1f}")
             if t.checkpoint_every_steps > 0 and self.global_step % t.checkpoint_every_steps == 0:
                 self.save()
+            if any_rank(self.stop_requested, self.device):
+                bar.close()
+                self.save()
+                raise TrainingStopped(f"stopped at epoch {self.epoch + 1}, step "
+                                      f"{self.global_step}, after a checkpoint")
         bar.close()
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch += 1

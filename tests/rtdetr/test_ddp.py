@@ -51,8 +51,23 @@ def _worker(rank, world, init_file, root, out_file):
         report.append({"loss": loss, "max_rank_diff": float((gathered[0] - gathered[1]).abs()
                                                             .max()),
                        "moved": float((flat - start).abs().max())})
+    # A stop requested on rank 1 only (its Ctrl-C) stops both ranks after the same step, with
+    # one checkpoint (the save is collective: a rank stopping alone would hang the other)
+    from rtdetr.engine.train import TrainingStopped
+    trainer.cfg.train.max_steps = 4
+    trainer.stop_requested = rank == 1
+    stopped = [False]
+    try:
+        trainer.fit()
+    except TrainingStopped:
+        stopped = [True]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, (stopped[0], trainer.global_step))
     if rank == 0:
-        torch.save({"report": report, "ckpt": os.path.isfile(trainer.checkpoint_path)}, out_file)
+        torch.save({"report": report, "ckpt": os.path.isfile(trainer.checkpoint_path),
+                    "stopped": everyone,
+                    "saved_step": torch.load(trainer.checkpoint_path, weights_only=False)[
+                        "global_step"]}, out_file)
     dist.destroy_process_group()
 
 
@@ -62,6 +77,7 @@ def test_two_process_ddp_identical_weights_with_an_empty_rank(tmp_path):
              nprocs=2, join=True)
     result = torch.load(out_file)
     assert result["ckpt"]
+    assert result["stopped"] == [(True, 2), (True, 2)] and result["saved_step"] == 2
     for step in result["report"]:
         assert torch.isfinite(torch.tensor(step["loss"]))
         assert step["max_rank_diff"] == 0.0

@@ -204,3 +204,34 @@ def test_coco_training_without_a_val_set(tmp_path):
     assert not (out / "metrics.jsonl").exists() and (out / "last.pth").is_file()
     with pytest.raises(ValueError, match="rtdetr eval needs a validation set"):
         cli.main(["eval", "--checkpoint", str(out / "last.pth")])
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(trained, tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C used to lose everything since the last epoch's checkpoint: it now stops
+    after the current step with a checkpoint (mid-epoch), and the resumed run ends as an
+    uninterrupted one (same losses)."""
+    import signal
+    from rtdetr.engine import Trainer
+    _, _, over = trained
+    args = over + TINY[:-2] + ["train.progress=false", "train.epochs=3", "train.ema=false"]
+    full = tmp_path / "full"
+    assert cli.main(["train", "--config", "demo", "--output-dir", str(full)] + args) == 0
+    step = Trainer.train_step
+
+    def ctrl_c_in_step_three(self, images, targets):
+        if self.global_step == 2:  # the first step of the second epoch
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, images, targets)
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_in_step_three)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", "demo", "--output-dir", str(out)] + args) == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    err = capsys.readouterr().err
+    assert "stopping after this step, with a checkpoint" in err
+    assert "interrupted at epoch 2, step 3" in err
+    state = load_checkpoint(str(out / "last.pth"))
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 1, 3)
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert cli.main(["train", "--resume", str(out / "last.pth")]) == 0
+    assert load_checkpoint(str(out / "last.pth"))["losses"] == \
+        load_checkpoint(str(full / "last.pth"))["losses"]
