@@ -5,4 +5,4 @@
 from rtdetr.benchmark import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())  # 1 when a row failed, as `rtdetr bench`

@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -227,13 +228,21 @@ def save(path) -> int:
     """Write the installed per-shape choices to ``path`` (JSON, with the device each was measured
     on), e.g. once after :func:`tune`, so a serving process can :func:`load` them instead of
     measuring again. Returns how many were written; the file is replaced atomically."""
+    # A snapshot first: another thread's tune() may install choices meanwhile (a dict changing
+    # size while it is iterated raises); list() of the items copies it under the GIL.
     entries = [{"op": op, "device_type": device_type, "device": _device_name(device_type),
                 "dtype": str(dtype).replace("torch.", ""), "key": key, "backend": backend}
-               for (op, device_type, dtype, key), backend in backends._TUNED.items()]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"format": "ghostkernels-tuning-1", "entries": entries}, f, indent=1)
-    os.replace(tmp, path)
+               for (op, device_type, dtype, key), backend in list(backends._TUNED.items())]
+    # a temporary file of this call's own, so that saves to one path at once do not interleave
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"format": "ghostkernels-tuning-1", "entries": entries}, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     return len(entries)
 
 
@@ -250,6 +259,8 @@ def load(path, any_device: bool = False) -> int:
                     _as_tuple(e["key"]), e["backend"]) for e in data["entries"]]
         if not all(isinstance(e[3], torch.dtype) for e in entries):
             raise ValueError("an entry's dtype is not a torch dtype")
+        for entry in entries:  # a key (or name) that JSON gave as an object or a list in a
+            hash(entry)        # place of a tuple cannot be installed: TypeError, caught below
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not a ghostkernels tuning file ({type(exc).__name__}: "
                          f"{exc})") from exc

@@ -145,7 +145,9 @@ def bench_model(key, batches, size, device, dtype, channels_last, modes, cpu_run
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device=device, dtype=dtype, memory_format=fmt)
     rows = []
-    for mode in modes:  # every mode after the unfolded baseline runs the folded model
+    # In MODES order, the unfolded baseline first whatever order the modes came in: every mode
+    # after it runs the folded model (deploy() cannot be undone).
+    for mode in [m for m in MODES if m in modes]:
         if mode != BASELINE:
             model.deploy()  # idempotent
         for batch in batches:

@@ -278,3 +278,36 @@ def test_bad_repeats_or_warmup_are_refused_before_running_anything():
     from ghostkernels.benchmark import cuda_graph_replay
     with pytest.raises(ValueError, match="warmup must be an int >= 0, got -1"):
         cuda_graph_replay(lambda: None, warmup=-1)
+
+
+def test_a_file_with_an_unusable_key_is_refused_before_any_choice_is_installed(tmp_path):
+    import json
+    ghostkernels.tune(ghost, ghost_args(), candidates=CPU)
+    ghostkernels.tune(ghost, ghost_args(H=5), candidates=CPU)
+    path = tmp_path / "tuning.json"
+    assert tuning.save(path) == 2
+    data = json.loads(path.read_text())
+    data["entries"][1]["key"] = {"not": "a key"}  # a JSON object: unhashable once loaded
+    path.write_text(json.dumps(data))
+    tuning.clear()
+    with pytest.raises(ValueError, match="not a ghostkernels tuning file"):
+        tuning.load(path)
+    assert not backends._TUNED  # all checked before any is used
+
+
+def test_save_snapshots_the_choices_another_thread_may_be_installing(tmp_path, monkeypatch):
+    """tune() in another thread installs choices while save() writes them out: save writes
+    the choices installed when it started, it does not fail with 'dictionary changed size'."""
+    ghostkernels.tune(ghost, ghost_args(), candidates=CPU)
+    ghostkernels.tune(ghost, ghost_args(H=5), candidates=CPU)
+    name = tuning._device_name
+
+    def device_name_while_another_thread_installs(device_type):
+        backends.install_tuned("ghost_conv", "cpu", torch.float64, (len(backends._TUNED),),
+                               "reference")
+        return name(device_type)
+
+    monkeypatch.setattr(tuning, "_device_name", device_name_while_another_thread_installs)
+    path = tmp_path / "tuning.json"
+    assert tuning.save(path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["tuning.json"]  # no temporary file left

@@ -90,3 +90,30 @@ def test_part_label_and_budget_reject_bad_arguments():
     for factor in (0, -1.5, "1.5", True):
         with pytest.raises(ValueError, match="factor must be a number > 0"):
             backbone_budget([], "B", factor)
+
+
+def test_bench_detector_script_exits_with_the_status_of_rtdetr_bench(monkeypatch):
+    """`python -m bench.bench_detector` is `rtdetr bench`: exit status 1 when a row failed."""
+    import runpy
+    from rtdetr import benchmark
+    monkeypatch.setattr(benchmark, "main", lambda argv=None: 1)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("bench.bench_detector", run_name="__main__")
+    assert exit_.value.code == 1
+
+
+def test_bench_times_the_unfolded_baseline_unfolded_whatever_the_order_of_modes(monkeypatch):
+    """--modes "folded eager" "unfolded eager": the baseline row must not time the model that
+    the earlier mode folded (deploy() cannot be undone)."""
+    from rtdetr import benchmark
+    monkeypatch.setattr(benchmark, "build", lambda config: tiny_detector())
+    seen = []
+
+    def run_mode(mode, model, *args):
+        seen.append((mode, model.backbone.deployed))
+        return [(PARTS[-1], 1.0, "")]
+
+    monkeypatch.setattr(benchmark, "run_mode", run_mode)
+    assert benchmark.main(["--device", "cpu", "--models", "ghost100", "--size", str(SIZE),
+                           "--modes", "folded eager", "unfolded eager"]) == 0
+    assert sorted(seen) == [("folded eager", True), ("unfolded eager", False)]
