@@ -88,6 +88,9 @@ class RTDETRPostProcessor(nn.Module):
         eager = _eager()
         if eager:
             self._check(logits, boxes, orig_target_sizes)
+        if boxes.dtype in (torch.float16, torch.bfloat16):
+            # pixels in float32: half precision steps 1-4 px above 1024-4096 px (bf16: 8x more)
+            boxes = boxes.float()
         scale = orig_target_sizes.to(boxes.dtype).repeat(1, 2).unsqueeze(1)  # (w, h, w, h)
         boxes = box_cxcywh_to_xyxy(boxes) * scale
         num_classes = logits.shape[-1]

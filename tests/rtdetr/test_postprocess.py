@@ -142,3 +142,23 @@ def test_bad_arguments_raise():
         RTDETRPostProcessor(num_classes=3, label_to_category=[1, 2])
     with pytest.raises(TypeError, match="label_to_category must be a mapping"):
         RTDETRPostProcessor(num_classes=3, label_to_category=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_boxes_are_scaled_to_pixels_in_float32(dtype):
+    """A half-precision model's boxes were scaled in its dtype: at 4000 px, float16 steps 2-4 px
+    (bfloat16 16-32 px). The normalised boxes are what the model gives; their pixels are
+    computed in float32."""
+    post = RTDETRPostProcessor(num_classes=1, num_top_queries=8)
+    outputs = random_outputs(batch=2, queries=8, classes=1)
+    # scores far apart, so that the ranking cannot differ between dtypes
+    outputs["pred_logits"] = torch.stack([torch.linspace(-3, 3, 8)[torch.randperm(8)]
+                                          for _ in range(2)])[..., None]
+    half = {k: v.to(dtype) for k, v in outputs.items()}
+    sizes = torch.tensor([[4000, 3000], [6000, 4500]])
+    got = post(half, sizes)
+    exact = post({k: v.double() for k, v in half.items()}, sizes)
+    for g, e in zip(got, exact):
+        assert g["boxes"].dtype == torch.float32
+        assert torch.equal(g["labels"], e["labels"])
+        assert (g["boxes"].double() - e["boxes"]).abs().max() < 0.01
