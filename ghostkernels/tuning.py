@@ -217,7 +217,20 @@ def tuned_for(fn, *args, **kwargs) -> Iterator[list[TunedCall]]:
 def _device_name(device_type: str) -> str:
     if device_type == "cuda":
         return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-    return platform.processor() or platform.machine()
+    return _cpu_model() or platform.processor() or platform.machine()
+
+
+def _cpu_model() -> str:
+    """The CPU's model name on Linux ("" elsewhere): platform.processor() says only "x86_64",
+    which would make a tuning file from any x86 CPU count as measured on this one."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def _as_tuple(value):

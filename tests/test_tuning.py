@@ -311,3 +311,20 @@ def test_save_snapshots_the_choices_another_thread_may_be_installing(tmp_path, m
     path = tmp_path / "tuning.json"
     assert tuning.save(path) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["tuning.json"]  # no temporary file left
+
+
+def test_a_cpu_tuning_file_names_the_cpu_model(monkeypatch, tmp_path):
+    """The CPU 'device' was platform.processor(): 'x86_64' on every x86 machine, so a file
+    tuned on another CPU model loaded as if measured here. It is the model name on Linux."""
+    import json
+    import os
+    if not os.path.isfile("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo: the model name is read on Linux only")
+    with open("/proc/cpuinfo") as f:
+        models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    if not models:
+        pytest.skip("/proc/cpuinfo lists no model name on this architecture")
+    ghostkernels.tune(ghost, ghost_args(), candidates=CPU)
+    path = tmp_path / "tuning.json"
+    tuning.save(path)
+    assert {e["device"] for e in json.loads(path.read_text())["entries"]} == {models[0]}
