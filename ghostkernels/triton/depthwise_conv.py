@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ghostkernels.triton.activation import relu
 from ghostkernels.triton.alignment import aligned, common_alignment, pixel_alignment
 
 
@@ -56,7 +57,7 @@ def _depthwise_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, Ho, Wo,
             tap = tl.load(w_ptr + chans * (KH * KW) + (i * KW + j), mask=chan_ok, other=0.0)
             acc += v.to(tl.float32) * tap.to(tl.float32)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = relu(acc)
     y_pix = y_ptr + b.to(tl.int64) * syb + (oh * syh + ow * syw)[:, None] + chans[None, :] * syc
     tl.store(y_pix, acc.to(y_ptr.dtype.element_ty), mask=pix_ok[:, None] & chan_ok[None, :])
 

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ghostkernels.triton.activation import relu
 from ghostkernels.triton import ghost_conv_halo as halo
 from ghostkernels.triton.ghost_conv_halo import weight_chunk
 
@@ -88,9 +89,9 @@ def _x1_row_three_shifts(x_row_ptr, w_ptr, bias, scale_ptr, r, cols, chans, chan
     acc_m += bias[None, :]
     acc_r += bias[None, :]
     if RELU:
-        acc_l = tl.maximum(acc_l, 0.0)
-        acc_m = tl.maximum(acc_m, 0.0)
-        acc_r = tl.maximum(acc_r, 0.0)
+        acc_l = relu(acc_l)
+        acc_m = relu(acc_m)
+        acc_r = relu(acc_r)
     return (tl.where(ok_l[:, None], acc_l, 0.0), tl.where(ok_m[:, None], acc_m, 0.0),
             tl.where(ok_r[:, None], acc_r, 0.0))
 
@@ -183,7 +184,7 @@ def _ghost_conv_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_cheap
             x2 = _add_tap_row(x2, mid_l, mid_m, mid_r, w_cheap_ptr, chans, cheap_ok, 1)
             x2 = _add_tap_row(x2, dn_l, dn_m, dn_r, w_cheap_ptr, chans, cheap_ok, 2)
             if RELU_C:
-                x2 = tl.maximum(x2, 0.0)
+                x2 = relu(x2)
             x2 = _epilogue(x2, r, cols, C1 + chans, cheap_mask, gate_img, sgc, sgh, sgw, Hg, Wg,
                            res_img, src, srh, srw, H, W, HAS_GATE, HAS_RESIDUAL)
             tl.store(y_pix + (C1 + chans)[None, :] * syc, x2.to(y_ptr.dtype.element_ty),

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ghostkernels.triton.activation import relu
 from ghostkernels.triton.alignment import aligned, common_alignment, pixel_alignment
 from ghostkernels.triton.device import num_sms
 from ghostkernels.triton.ghost_conv_halo import (_apply_epilogue, _channel_block, _cheap_taps,
@@ -129,8 +130,8 @@ def _ghost_depthwise_kernel(x_ptr, w_primary_ptr, b_primary_ptr, w_cheap_ptr, b_
                 acc1 += tl.load(plane0 + at, mask=tap_ok, other=0.0) * w1.to(tl.float32)[None, :]
                 acc2 += tl.load(plane1 + at, mask=tap_ok, other=0.0) * w2.to(tl.float32)[None, :]
         if RELU_DW:
-            acc1 = tl.maximum(acc1, 0.0)
-            acc2 = tl.maximum(acc2, 0.0)
+            acc1 = relu(acc1)
+            acc2 = relu(acc2)
         y_pix = y_ptr + b64 * syb + out_rows * syh + out_cols * syw
         tl.store(y_pix[:, None] + chans[None, :] * syc, acc1.to(y_ptr.dtype.element_ty),
                  mask=out_ok[:, None] & chan_ok[None, :])

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ghostkernels.triton.activation import relu
 from ghostkernels.triton.alignment import aligned, common_alignment, pixel_alignment
 from ghostkernels.triton.device import num_sms
 
@@ -78,7 +79,7 @@ def _x1_tile(x_pix, w_ptr, scale_ptr, b_p, in_img, chans, chan_ok, Cin, sxc,
             acc = tl.dot(xv, w_rest, acc, input_precision=PRECISION)
     acc += b_p[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = relu(acc)
     return acc
 
 
@@ -133,7 +134,7 @@ def _cheap_taps(tile_x1, w_cheap_ptr, b_cheap_ptr, chans, cheap_ok, ring_inside,
             tap = tl.load(w_cheap_ptr + chans * 9 + (dy * 3 + dx), mask=cheap_ok, other=0.0)
             x2 += v * tap.to(tl.float32)[None, :]
     if RELU:
-        x2 = tl.maximum(x2, 0.0)
+        x2 = relu(x2)
     return x2
 
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ghostkernels.triton.activation import hardsigmoid, relu
+
 
 @triton.jit
 def _se_excitation_kernel(p_ptr, wr_ptr, br_ptr, we_ptr, be_ptr, out_ptr, C, R, chan_blocks,
@@ -38,11 +40,13 @@ def _se_excitation_kernel(p_ptr, wr_ptr, br_ptr, we_ptr, be_ptr, out_ptr, C, R, 
                         mask=r_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
             hidden += tl.sum(w.to(tl.float32) * p[None, :], axis=1)
         hidden += tl.load(br_ptr + rs, mask=r_ok, other=0.0).to(tl.float32)
-        hidden = tl.maximum(hidden, 0.0)  # rows past R: zero weights and bias, so exactly 0
+        # rows past R are zero (their masked weights times an inf in pooled would be NaN, and
+        # relu keeps NaN)
+        hidden = tl.where(r_ok, relu(hidden), 0.0)
         w = tl.load(we_ptr + chans[:, None] * R + rs[None, :],
                     mask=chan_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_C, BLOCK_R]
         acc += tl.sum(w.to(tl.float32) * hidden[None, :], axis=1)
-    scale = tl.minimum(tl.maximum(acc / 6.0 + 0.5, 0.0), 1.0)
+    scale = hardsigmoid(acc)
     tl.store(out_ptr + b.to(tl.int64) * C + chans, scale.to(out_ptr.dtype.element_ty),
              mask=chan_ok)
 
