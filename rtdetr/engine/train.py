@@ -286,7 +286,7 @@ class Trainer:
         bar = tqdm(total=remaining, desc=f"epoch {self.epoch + 1}/{t.epochs}", leave=False,
                    disable=not (t.progress and self.info.is_main), dynamic_ncols=True)
         tic = time.perf_counter()
-        for images, targets in self.loader:
+        for images, targets in self._batches():
             if t.max_steps > 0 and self.global_step >= t.max_steps:
                 break
             loss = self.train_step(images, targets)
@@ -310,6 +310,23 @@ class Trainer:
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch += 1
             self.step_in_epoch = 0
+
+    def _batches(self):
+        """The loader's batches. A sample that cannot be loaded (DatasetError: a corrupt image,
+        say) stops the run between two steps: in a single process the steps done so far are
+        checkpointed first, to resume once the file is fixed (with several processes the other
+        ranks could not join the collective save)."""
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except DatasetError:
+                if self.info.world_size == 1 and self.step_in_epoch > 0:
+                    self.save()
+                raise
+            yield batch
 
     def evaluate(self) -> dict:
         if self.val_set is None:

@@ -215,3 +215,29 @@ def test_a_run_without_amp_resumes_with_amp(tmp_path):
     resumed.scaler = torch.amp.GradScaler("cpu", enabled=True)
     resumed.resume(part.checkpoint_path)
     assert resumed.global_step == 6 and resumed.scaler.get_scale() == 2.0 ** 16
+
+
+def test_a_sample_that_cannot_be_loaded_checkpoints_the_steps_done(tmp_path):
+    """A corrupt image met mid-epoch (only the files' existence is checked up front) stopped the
+    run and lost the epoch's steps since the last checkpoint; they are now checkpointed first,
+    and the resumed run (the file fixed) ends as an uninterrupted one."""
+    from rtdetr.data import DatasetError
+    full = make_trainer(tmp_path, "full", epochs=2)
+    full.fit()
+    part = make_trainer(tmp_path, "part", epochs=2)
+    loader = part.loader
+
+    class BrokenAtTheThirdBatch:
+        def __iter__(self):
+            batches = iter(loader)
+            yield next(batches)
+            yield next(batches)
+            raise DatasetError("cannot read image bad.png (image id 7): truncated")
+    part.loader = BrokenAtTheThirdBatch()
+    with pytest.raises(DatasetError, match="bad.png"):
+        part.fit()
+    state = torch.load(part.checkpoint_path, weights_only=False)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 2, 2)
+    resumed = make_trainer(tmp_path, "resumed", epochs=2)
+    resumed.fit(resume=part.checkpoint_path)
+    assert resumed.losses == full.losses
