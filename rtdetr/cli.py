@@ -178,16 +178,12 @@ def predict_images(model, postprocessor, files, image_size: int, device, class_n
     results, taken = [], set()
     for path in files:
         try:
-            im = open_rgb(path)
+            im = open_rgb(path)  # its errors name the file
         except (OSError, ValueError) as exc:
-            if unreadable is not None:
-                unreadable.append((path, f"{type(exc).__name__}: {exc}"))
-                continue
-            if path in str(exc) or not isinstance(exc, OSError):
+            if unreadable is None:
                 raise
-            # PIL's errors do not always name the file ("image file is truncated"): with a
-            # folder of images, say which one
-            raise OSError(f"cannot read image {path}: {exc}") from exc
+            unreadable.append((path, f"{type(exc).__name__}: {exc}"))
+            continue
         # as the evaluation transforms do: resize the 8-bit image, then scale to [0, 1]
         x = TF.resize(TF.pil_to_tensor(im), [image_size, image_size])
         x = TF.to_dtype(x, torch.float32, scale=True).unsqueeze(0).to(device)
@@ -462,14 +458,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("export", "bench"):
         return argparse.Namespace(command=argv[0], args=argv[1:])
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if extra:
-        args.overrides = list(args.overrides) + extra
-    return args
+    from rtdetr.config import parse_args_with_overrides
+    return parse_args_with_overrides(build_parser(), argv)
 
 
 # What a user's input can get wrong (paths, configs, data, checkpoints, values): on the command

@@ -122,14 +122,16 @@ def check_device_name(name: str, key: str = "train.device") -> None:
 def check_config(cfg: Config) -> Config:
     """Reject values that fit their type but not their use (ConfigError naming the key, the
     accepted range and the value), so that they fail when the run starts, not hours into it."""
-    for key, low in MIN_VALUES.items():
+    def value_of(key: str):
         section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        return getattr(getattr(cfg, section), name)
+
+    for key, low in MIN_VALUES.items():
+        value = value_of(key)
         if value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value!r}")
     for key, (accepted, ok) in FLOAT_RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = value_of(key)
         if not (value is None or math.isfinite(value)) or not ok(value):
             raise ConfigError(f"{key} must be a finite number {accepted}, got {value!r}")
     if not all(math.isfinite(b) and 0 <= b < 1 for b in cfg.train.betas):
@@ -147,6 +149,20 @@ def parse_override(text: str) -> tuple[str, str]:
     if not key.strip():
         raise ConfigError(f"override {text!r} has an empty key")
     return key.strip(), raw
+
+
+def parse_args_with_overrides(parser, argv):
+    """``parser.parse_args(argv)`` where the ``key=value`` words of a positional ``overrides``
+    may come in several runs between options (``train a=1 --resume x b=2``, which argparse alone
+    rejects); an unknown option (or any leftover word where the parser takes no overrides) is
+    still a usage error."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
 
 
 def apply_override(cfg, key: str, raw: str):

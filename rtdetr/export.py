@@ -196,13 +196,9 @@ def detection_mismatches(out, ref, tol: float = 1e-4, tie: float = 1e-4) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    from rtdetr.config import parse_args_with_overrides
     # overrides may also follow another option (`--config c a=1 --output m.onnx b=2`)
-    unknown = [a for a in extra if a.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides += extra
+    args = parse_args_with_overrides(build_parser(), argv)
     if args.image_size is not None and len(args.image_size) not in (1, 2):
         raise SystemExit("--image-size takes H or H W")
     model, postprocessor, trained_size = _load_model(args)

@@ -65,16 +65,12 @@ def load_coco_json(ann_file: str) -> dict:
             if key not in img:
                 raise DatasetError(f"{ann_file}: images[{i}] lacks {key!r}: {img}")
         for key in ("width", "height"):
-            v = img[key]
-            if isinstance(v, float) and v.is_integer():
-                img[key] = v = int(v)  # some tools write 640.0
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            img[key] = v = _whole(img[key])
+            if not _is_int(v) or v <= 0:
                 raise DatasetError(f"{ann_file}: images[{i}] (id {img['id']}) has {key} "
                                    f"{v!r}, expected a positive int")
-        v = img["id"]
-        if isinstance(v, float) and v.is_integer():
-            img["id"] = v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int):
+        img["id"] = v = _whole(img["id"])
+        if not _is_int(v):
             # targets, evaluation and the batch collator use int(image_id): 1.5 would become 1
             raise DatasetError(f"{ann_file}: images[{i}] has id {v!r}, expected an int")
         if not isinstance(img["file_name"], str) or not img["file_name"]:
@@ -89,20 +85,24 @@ def load_coco_json(ann_file: str) -> dict:
             if key not in ann:
                 raise DatasetError(f"{ann_file}: annotations[{i}] (id {ann.get('id')}) lacks "
                                    f"{key!r}")
+        ann["category_id"] = _whole(ann["category_id"])
     for i, cat in enumerate(data["categories"]):
         if "id" not in cat:
             raise DatasetError(f"{ann_file}: categories[{i}] lacks 'id'")
-        v = cat["id"]
-        if isinstance(v, float) and v.is_integer():
-            cat["id"] = v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int):
+        cat["id"] = v = _whole(cat["id"])
+        if not _is_int(v):
             # labels map to sorted ids, evaluation and predict report them as COCO's int ids
             raise DatasetError(f"{ann_file}: categories[{i}] has id {v!r}, expected an int")
-    for i, ann in enumerate(data["annotations"]):
-        v = ann["category_id"]
-        if isinstance(v, float) and v.is_integer():
-            ann["category_id"] = int(v)
     return data
+
+
+def _whole(value):
+    """``value``, as an int when it is a whole float (some tools write 640.0 for 640)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -130,11 +130,16 @@ def _read_rgb(path: str) -> Image.Image:
 
 
 def open_rgb(path: str) -> Image.Image:
-    """Read an image file fully, as 8-bit RGB (see :func:`to_rgb`)."""
+    """Read an image file fully, as 8-bit RGB (see :func:`to_rgb`). Errors name the file (PIL's
+    do not always: "image file is truncated")."""
     try:
         return _read_rgb(path)
-    except ValueError as exc:  # an unsupported image mode: name the file
+    except ValueError as exc:  # an unsupported image mode
         raise ValueError(f"{path}: {exc}") from None
+    except OSError as exc:
+        if path in str(exc):
+            raise
+        raise OSError(f"cannot read image {path}: {exc}") from exc
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -207,12 +212,26 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def load_image(self, index: int) -> Image.Image:
         path = self.image_path(index)
-        image_id = self.images[index]["id"]
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"image file not found: {path} (image id {image_id} in "
-                                    f"{self.ann_file})")
+            raise FileNotFoundError(f"image file not found: {path} (image id "
+                                    f"{self.images[index]['id']} in {self.ann_file})")
+        return self._read_checked(index, _read_rgb)
+
+    def check_image_header(self, index: int) -> None:
+        """What :meth:`load_image` checks, from the file's header alone (no pixels decoded): a
+        DatasetError unless it reads and has the size the JSON says."""
+        def header(path):
+            with Image.open(path) as im:
+                return im
+
+        self._read_checked(index, header)
+
+    def _read_checked(self, index: int, read: Callable[[str], Image.Image]) -> Image.Image:
+        """``read(path)`` of image ``index``, whose failure or size other than the JSON's is a
+        DatasetError naming the file and the image id."""
+        path, image_id = self.image_path(index), self.images[index]["id"]
         try:
-            im = _read_rgb(path)
+            im = read(path)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DatasetError(f"cannot read image {path} (image id {image_id}): {exc}") from None
         expected = (self.images[index]["width"], self.images[index]["height"])

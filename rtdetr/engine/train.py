@@ -17,7 +17,6 @@ import os
 import time
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -64,13 +63,13 @@ def build_datasets(data_cfg, seed: int = 0):
                                    iou_crop=d.iou_crop, flip=d.flip, zoom_out_max=d.zoom_out_max)
     val_tf = DetectionTransforms(d.image_size, train=False)
     train_set = CocoDetection(train_images, train_ann, train_tf, d.skip_invalid_boxes)
+    own_files = d.dataset != "synthetic"  # checked now, not when the batch that reads them comes
+    if own_files:
+        check_image_files(train_set, "data.train_images")
     if not val_ann:
-        if d.dataset != "synthetic":
-            check_image_files(train_set, "data.train_images")
         return train_set, None
     val_set = CocoDetection(val_images, val_ann, val_tf, d.skip_invalid_boxes)
-    if d.dataset != "synthetic":  # now, not when the batch (the evaluation) that reads it comes
-        check_image_files(train_set, "data.train_images")
+    if own_files:
         check_image_files(val_set, "data.val_images", headers=True)
     check_same_categories(val_set, train_set.label2category, f"the training set {train_ann}")
     return train_set, val_set
@@ -92,16 +91,7 @@ def check_image_files(dataset, key: str, headers: bool = False) -> None:
                                 f"files that {dataset.ann_file} lists are missing, e.g. "
                                 f"{missing[0]}")
     for i in range(len(dataset) if headers else 0):
-        path, entry = dataset.image_path(i), dataset.images[i]
-        try:
-            with Image.open(path) as im:
-                size = im.size
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DatasetError(f"cannot read image {path} (image id {entry['id']}): "
-                               f"{exc}") from None
-        if size != (entry["width"], entry["height"]):
-            raise DatasetError(f"image {path} (image id {entry['id']}) is {size[0]}x{size[1]}, "
-                               f"but {dataset.ann_file} says {entry['width']}x{entry['height']}")
+        dataset.check_image_header(i)
 
 
 def check_same_categories(dataset, label2category: dict, source: str) -> None:

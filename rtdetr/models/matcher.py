@@ -15,6 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from rtdetr.models.box_ops import box_cxcywh_to_xyxy, pairwise_generalized_box_iou
+from rtdetr.models.targets import bad_labels, check_labels
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
 _LOG_EPS = 1e-8
@@ -82,13 +83,14 @@ class HungarianMatcher(nn.Module):
         labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
         # Out-of-range labels are reported after the one host sync below; until then they are
         # clamped, so that indexing never fails (a device assert on a GPU) nor wraps around (-1).
-        bad_labels = ((labels < 0) | (labels >= num_classes)).any()
+        any_bad_label = bad_labels(labels, num_classes).any()
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device, work)
         cost = self.cost_matrix(logits.flatten(0, 1).to(work), boxes.flatten(0, 1).to(work),
                                 labels.clamp(0, num_classes - 1), target_boxes)
         cost = cost.view(batch_size, num_queries, sum(sizes)).cpu()
-        if bool(bad_labels):
-            _raise_bad_labels(targets, num_classes)
+        if bool(any_bad_label):
+            for image, target in enumerate(targets):  # the first one, named
+                check_labels(image, target["labels"].cpu(), num_classes)
         if not torch.isfinite(cost).all():
             raise ValueError("matching cost is not finite: pred_logits or pred_boxes contain "
                              "NaN/inf (or target boxes do)")
@@ -114,13 +116,3 @@ def _target_size(image: int, target: dict) -> int:
                          f"(one cxcywh box per label), got {tuple(boxes.shape)}")
     return int(boxes.shape[0])
 
-
-def _raise_bad_labels(targets: list[dict], num_classes: int) -> None:
-    for image, target in enumerate(targets):
-        labels = target["labels"].cpu()
-        bad = ((labels < 0) | (labels >= num_classes)).nonzero()
-        if len(bad):
-            row = int(bad[0, 0])
-            raise ValueError(f"targets[{image}]['labels'] must lie in [0, {num_classes}) "
-                             f"(num_classes = pred_logits.shape[-1]), got {int(labels[row])} "
-                             f"at position {row}")

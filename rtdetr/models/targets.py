@@ -53,12 +53,15 @@ def _check_keys(image: int, target, extra_keys: frozenset) -> None:
                             f"got {type(target[key]).__name__}")
 
 
-def _bad_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def bad_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Where ``labels`` lie outside ``[0, num_classes)``."""
     return (labels < 0) | (labels >= num_classes)
 
 
-def _check_labels(image: int, labels: torch.Tensor, num_classes: int,
-                  values: bool = True) -> None:
+def check_labels(image: int, labels: torch.Tensor, num_classes: int,
+                 values: bool = True) -> None:
+    """``targets[image]['labels']``: int64 ``[n]``, with ``values`` every one in range (an error
+    naming the image, the value and its position)."""
     where = _where(image, "labels")
     if labels.dtype != torch.int64:
         raise TypeError(f"{where} must have dtype int64, got {labels.dtype}")
@@ -66,7 +69,7 @@ def _check_labels(image: int, labels: torch.Tensor, num_classes: int,
         raise ValueError(f"{where} must be a 1-d tensor [n], got shape {tuple(labels.shape)}")
     if not values or labels.numel() == 0 or tracing():
         return
-    bad = _bad_labels(labels, num_classes)
+    bad = bad_labels(labels, num_classes)
     if bad.any():
         row = _first_bad_row(bad)
         raise ValueError(f"{where} must lie in [0, {num_classes}) (num_classes={num_classes}; "
@@ -152,7 +155,7 @@ def _check_target(image: int, target, num_classes: int, extra_keys: frozenset,
         raise ValueError(f"{_where(image, 'labels')} must be on the device of "
                          f"{_where(image, 'boxes')} ({target['boxes'].device}), "
                          f"got {target['labels'].device}")
-    _check_labels(image, target["labels"], num_classes, values)
+    check_labels(image, target["labels"], num_classes, values)
     _check_boxes(image, target["boxes"], target["labels"].shape[0], values)
 
 
@@ -169,7 +172,7 @@ def _batch_values_valid(targets, num_classes: int) -> bool:
         return False
     labels = torch.cat([t["labels"] for t in targets])
     boxes = torch.cat(boxes)
-    bad = _bad_labels(labels, num_classes)
+    bad = bad_labels(labels, num_classes)
     for failed, _ in _bad_box_checks(boxes, _corners(boxes)):
         bad = bad | failed
     return not bool(bad.any())
